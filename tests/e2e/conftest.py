@@ -1,0 +1,76 @@
+"""The real server: `python main.py serve` in a subprocess on a free port, shared by the session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import MODEL_CACHE, REPO_ROOT
+
+STARTUP_TIMEOUT_S = 600
+
+
+@dataclass
+class Server:
+    url: str
+    log: Path
+    readiness_codes: list[int] = field(default_factory=list)
+
+    @property
+    def predict_url(self) -> str:
+        return f"{self.url}/v1/models/model:predict"
+
+    def predict(self, body: dict, **kwargs) -> requests.Response:
+        return requests.post(self.predict_url, json=body, timeout=300, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Iterator[Server]:
+    """Started once; records every readiness status it saw until the model was ready."""
+    port = _free_port()
+    run_dir = tmp_path_factory.mktemp("serve")
+    log = run_dir / "server.log"
+    env = {**os.environ, "LLM_CACHE_DIR": str(MODEL_CACHE)}
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "main.py", "serve", "--port", str(port), "--run-dir", str(run_dir / "app")],
+            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    server = Server(url=f"http://127.0.0.1:{port}", log=log)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode} during start-up:\n{log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+            try:
+                code = requests.get(f"{server.url}/v1/models/model", timeout=5).status_code
+                server.readiness_codes.append(code)
+                if code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
