@@ -33,6 +33,12 @@ class Server:
         return requests.post(self.predict_url, json=body, timeout=300, **kwargs)
 
 
+def _log_excerpt(log: Path) -> str:
+    """The server log without the readiness-poll noise, last lines first in importance."""
+    lines = [line for line in log.read_text().splitlines() if "Health check failed" not in line]
+    return "\n".join(lines[-60:])
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -56,9 +62,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Iter
     try:
         while True:
             if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode} during start-up:\n{log.read_text()[-4000:]}")
+                pytest.fail(f"server exited with {process.returncode} during start-up:\n{_log_excerpt(log)}")
             if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+                pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S} s:\n{_log_excerpt(log)}")
             try:
                 code = requests.get(f"{server.url}/v1/models/model", timeout=5).status_code
                 server.readiness_codes.append(code)

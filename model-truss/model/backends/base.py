@@ -63,39 +63,44 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
 
 
-_DONE = object()
-
-
 class TokenStream:
-    """One request's tokens, written by the engine thread and read by an asyncio consumer."""
+    """One request's tokens, written by the engine thread and read by an asyncio consumer.
+
+    The stream ends with the chunk that carries a finish_reason, or with an exception. A consumer
+    that is already gone (its event loop closed) is not an error for the engine thread.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._queue: asyncio.Queue[TokenChunk | BaseException | object] = asyncio.Queue()
+        self._queue: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
         self.finished = False
 
     def put(self, token_ids: list[int] | tuple[int, ...], finish_reason: FinishReason | None = None) -> None:
         """Engine thread: deliver new tokens; a finish_reason closes the stream."""
-        if finish_reason is not None:
-            self.finished = True
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, TokenChunk(tuple(token_ids), finish_reason))
-        if finish_reason is not None:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, _DONE)
+        self.finished = finish_reason is not None
+        self._send(TokenChunk(tuple(token_ids), finish_reason))
 
     def fail(self, exc: BaseException) -> None:
         """Engine thread: end this request alone with an error."""
         self.finished = True
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, exc)
+        self._send(exc)
+
+    def _send(self, item: TokenChunk | BaseException) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop closed between the check and the call
+            logger.debug("dropped a message for a consumer that is gone")
 
     async def __aiter__(self) -> AsyncIterator[TokenChunk]:
         while True:
             item = await self._queue.get()
-            if item is _DONE:
-                return
             if isinstance(item, BaseException):
                 raise item
-            assert isinstance(item, TokenChunk)
             yield item
+            if item.finish_reason is not None:
+                return
 
 
 @dataclass

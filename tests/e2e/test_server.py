@@ -1,0 +1,168 @@
+"""End-to-end: the real truss server with the real SmolLM2, over HTTP, as a client sees it."""
+
+from __future__ import annotations
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.e2e.conftest import Server
+
+CHAT = [{"role": "user", "content": "What is a mistral?"}]
+
+
+def _stream(server: Server, body: dict) -> tuple[list[str], float, float]:
+    """Pieces of a streamed response, the time the first arrived and the time the stream ended."""
+    started = time.perf_counter()
+    first_at = None
+    pieces = []
+    with server.predict({**body, "stream": True}, stream=True) as response:
+        assert response.status_code == 200, response.text
+        for chunk in response.iter_content(chunk_size=None):
+            first_at = first_at or time.perf_counter() - started
+            pieces.append(chunk.decode("utf-8"))  # strict: a split multi-byte character would raise
+    return pieces, first_at or 0.0, time.perf_counter() - started
+
+
+def _metric(server: Server, name: str) -> float:
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} missing from /metrics"
+    return float(match.group(1))
+
+
+def test_readiness_is_503_until_loaded(server: Server) -> None:
+    assert server.readiness_codes[-1] == 200
+    assert 503 in server.readiness_codes, f"never saw 503 while loading: {server.readiness_codes[:5]}"
+    assert requests.get(f"{server.url}/", timeout=10).status_code == 200
+
+
+def test_seed_request_returns_text(server: Server) -> None:
+    """The seed's client, unchanged."""
+    response = requests.post(server.predict_url, json={"prompt": "What is a mistral?"}, timeout=300)
+    body = response.json()
+    assert response.status_code == 200
+    assert len(body["output"].split()) >= 5, body
+    assert "wind" in body["output"].lower()  # SmolLM2 knows the mistral is a wind
+    assert body["finish_reason"] in {"stop", "length"}
+    usage = body["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert 0 < usage["completion_tokens"] <= 256
+
+
+def test_chat_messages_use_the_chat_template(server: Server, tokenizer) -> None:
+    messages = [{"role": "system", "content": "You answer in one sentence."}, *CHAT]
+    body = server.predict({"messages": messages, "max_new_tokens": 24}).json()
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert body["usage"]["prompt_tokens"] == len(tokenizer(rendered, add_special_tokens=False).input_ids)
+    assert body["output"].strip()
+
+
+def test_stream_starts_early_and_joins_to_the_non_streaming_text(server: Server) -> None:
+    request = {"messages": CHAT, "max_new_tokens": 48, "ignore_eos": True}
+    pieces, first_at, total = _stream(server, request)
+    assert len(pieces) > 10
+    assert first_at < total / 3, f"first piece at {first_at:.2f}s of {total:.2f}s"
+    assert "".join(pieces) == server.predict(request).json()["output"]
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_stop_strings_end_the_output_even_across_pieces(server: Server) -> None:
+    request = {"messages": CHAT, "max_new_tokens": 48, "ignore_eos": True}
+    pieces, _, _ = _stream(server, request)
+    full = "".join(pieces)
+    k = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 2)
+    spanning = pieces[k][-2:] + pieces[k + 1][:2]  # begins in one piece, ends in the next
+    expected = full[: full.index(spanning)]
+    for stop in (spanning, [spanning, "never-in-output"]):
+        body = server.predict({**request, "stop": stop}).json()
+        assert body["output"] == expected
+        assert body["finish_reason"] == "stop"
+        streamed, _, _ = _stream(server, {**request, "stop": stop})
+        assert "".join(streamed) == expected
+
+
+def test_seed_makes_sampling_reproducible(server: Server) -> None:
+    request = {"messages": CHAT, "max_new_tokens": 32, "temperature": 1.0, "top_p": 0.95, "top_k": 50}
+    first = server.predict({**request, "seed": 1234}).json()["output"]
+    assert server.predict({**request, "seed": 1234}).json()["output"] == first
+    others = {server.predict({**request, "seed": seed}).json()["output"] for seed in (1, 2, 3)}
+    assert others - {first}, "different seeds all gave the same sample"
+
+
+def test_max_tokens_alias_and_length_finish(server: Server) -> None:
+    body = server.predict({"messages": CHAT, "max_tokens": 5, "ignore_eos": True}).json()
+    assert body["usage"]["completion_tokens"] == 5
+    assert body["finish_reason"] == "length"
+
+
+def test_concurrent_requests_are_batched_and_not_mixed_up(server: Server) -> None:
+    prompts = [f"Write the number {n} in words, then say goodbye." for n in range(8)]
+
+    def ask(prompt: str) -> str:
+        return server.predict({"prompt": prompt, "max_new_tokens": 24, "ignore_eos": True}).json()["output"]
+
+    started = time.perf_counter()
+    sequential = [ask(p) for p in prompts]
+    sequential_s = time.perf_counter() - started
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        concurrent = list(pool.map(ask, prompts))
+    concurrent_s = time.perf_counter() - started
+    assert concurrent == sequential  # each request got its own answer
+    assert concurrent_s < sequential_s / 1.5, f"8 concurrent took {concurrent_s:.1f}s vs {sequential_s:.1f}s in turn"
+
+
+BAD_REQUESTS = [
+    ({"prompt": ""}, "'prompt' is empty"),
+    ({"prompt": "   "}, "'prompt' is empty"),
+    ({"prompt": 42}, "prompt: Input should be a valid string"),
+    ({}, "exactly one of 'prompt'"),
+    ({"prompt": "hi", "messages": CHAT}, "exactly one of 'prompt'"),
+    ({"prompt": "hi", "temperture": 0.5}, "unknown field 'temperture'"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+    ({"prompt": "hi", "temperature": -0.1}, "temperature"),
+    ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, "top_p"),
+    ({"prompt": "hi", "top_k": -1}, "top_k"),
+    ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+    ({"prompt": "hi", "max_new_tokens": 1_000_000}, "exceeds the limit"),
+    ({"prompt": "hi", "max_new_tokens": 10, "max_tokens": 20}, "disagree"),
+    ({"prompt": "hi", "stop": ""}, "stop strings must not be empty"),
+    ({"prompt": "hi", "stop": [1]}, "stop"),
+    ({"prompt": "hi", "stream": "yes"}, "stream"),
+    ({"prompt": "hi", "seed": -1}, "seed"),
+    ({"prompt": "word " * 9000}, "accepts at most"),
+    (["not", "an", "object"], "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_REQUESTS, ids=[m for _, m in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_400(server: Server, body: object, message: str) -> None:
+    response = requests.post(server.predict_url, json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+
+
+def test_malformed_json_is_a_400_and_the_server_keeps_serving(server: Server) -> None:
+    response = requests.post(server.predict_url, data=b'{"prompt": ', timeout=60)
+    assert response.status_code == 400
+    assert "Invalid JSON" in response.json()["error"]
+    assert server.predict({"prompt": "Say hello.", "max_new_tokens": 4}).status_code == 200
+
+
+def test_client_disconnect_cancels_generation(server: Server) -> None:
+    """A 2000-token stream dropped after its first piece leaves no request in flight."""
+    request = {"prompt": "Tell me a long story.", "max_new_tokens": 2000, "ignore_eos": True, "stream": True}
+    with server.predict(request, stream=True) as response:
+        next(response.iter_content(chunk_size=None))
+        assert _metric(server, "llm_requests_in_flight") >= 1
+    deadline = time.monotonic() + 20  # the full generation would take minutes on CPU
+    while _metric(server, "llm_requests_in_flight") > 0:
+        assert time.monotonic() < deadline, "the dropped request is still generating"
+        time.sleep(0.2)
