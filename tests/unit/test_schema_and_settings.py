@@ -58,7 +58,8 @@ def test_prompt_formats(tokenizer) -> None:
     raw = encode_prompt(tokenizer, request, "raw")
     assert raw == tokenizer("What is a mistral?").input_ids
     chat = encode_prompt(tokenizer, request, "auto")
-    as_messages = encode_prompt(tokenizer, parse_request({"messages": [{"role": "user", "content": "What is a mistral?"}]}), "raw")
+    messages = parse_request({"messages": [{"role": "user", "content": "What is a mistral?"}]})
+    as_messages = encode_prompt(tokenizer, messages, "raw")
     assert chat == as_messages != raw
     assert tokenizer.decode(chat).rstrip().endswith("<|im_start|>assistant")
 
