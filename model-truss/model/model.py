@@ -86,8 +86,11 @@ class Model:
         assert self.backend is not None and self.tokenizer is not None, "predict() before load()"
         request = parse_request(model_input)
         prompt_ids = encode_prompt(self.tokenizer, request, self.settings.prompt_format)
-        params = request.sampling_params(self.settings.default_max_new_tokens)
-        check_limits(len(prompt_ids), params, self.backend.limits)
+        limits = self.backend.limits
+        # A request that names no max_new_tokens gets the default, shrunk to what still fits the engine.
+        room = max(1, limits.max_seq_len - len(prompt_ids))
+        params = request.sampling_params(min(self.settings.default_max_new_tokens, limits.max_new_tokens, room))
+        check_limits(len(prompt_ids), params, limits)
         result = GenerationResult(prompt_tokens=len(prompt_ids))
         chunks = self.backend.generate(prompt_ids, params)
         return request.stream, generate_text(chunks, self.tokenizer, request.stop_strings, result), result
