@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from scripts import REPO_ROOT, TRUSS_DIR
-from scripts.cli import CliError
+from scripts.build_context import write_context
 
 DEFAULT_PORT = 8080
 RUN_DIR = REPO_ROOT / ".cache" / "serve"
@@ -34,14 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def prepare_app_dir(truss_dir: Path, run_dir: Path) -> Path:
     """Write truss's build context and lay it out as the image's /app folder; returns that folder."""
-    import truss
-
-    context, app = run_dir / "context", run_dir / "app"
     shutil.rmtree(run_dir, ignore_errors=True)
-    try:
-        truss.load(str(truss_dir)).docker_build_setup(build_dir=context)
-    except Exception as exc:  # truss's own config validation errors are user errors here
-        raise CliError(f"cannot build the Truss at {truss_dir}: {exc}") from exc
+    context, app = write_context(truss_dir, run_dir / "context"), run_dir / "app"
     shutil.copytree(context / "server", app)
     shutil.copytree(context / "model", app / "model")
     shutil.copy(context / "config.yaml", app / "config.yaml")
