@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from scripts import REPO_ROOT, TRUSS_DIR
 from scripts.build_context import write_context
@@ -51,12 +51,9 @@ def server_env(port: int) -> dict[str, str]:
     return env
 
 
-def serve(truss_dir: Path, port: int, run_dir: Path) -> int:
+def serve(truss_dir: Path, port: int, run_dir: Path) -> NoReturn:
+    """Replace this process with the server, so SIGTERM/Ctrl-C reach uvicorn's graceful shutdown."""
     app = prepare_app_dir(truss_dir, run_dir)
     print(f"serving {truss_dir} on http://127.0.0.1:{port}/v1/models/model:predict (Ctrl-C stops)", flush=True)
-    process = subprocess.Popen([sys.executable, "main.py"], cwd=app, env=server_env(port))
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        return process.wait()
+    os.chdir(app)
+    os.execve(sys.executable, [sys.executable, "main.py"], server_env(port))
