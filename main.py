@@ -1,10 +1,10 @@
 """Command line for the project: each subcommand lives in its own module under scripts/.
 
-    python main.py                                  # write the Docker build context (build-context)
-    python main.py build-context --out build/ctx --image user/llm --tag v1
-    python main.py serve                            # truss's model server on 127.0.0.1:8080, no Docker
-    python main.py deploy --overlay gke-h100        # apply k8s/ with the kubernetes client, wait for rollout
-    python main.py bench ...                        # load generator / benchmarks
+python main.py                                  # write the Docker build context (build-context)
+python main.py build-context --out build/ctx --image user/llm --tag v1
+python main.py serve                            # truss's model server on 127.0.0.1:8080, no Docker
+python main.py deploy --overlay gke-h100        # apply k8s/ with the kubernetes client, wait for rollout
+python main.py bench ...                        # load generator / benchmarks
 """
 
 from __future__ import annotations

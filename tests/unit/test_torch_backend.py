@@ -48,8 +48,11 @@ async def _collect(backend: TorchBackend, ids: list[int], params: SamplingParams
 def _reference(backend: TorchBackend, ids: list[int], max_new_tokens: int) -> list[int]:
     """Plain transformers greedy generate, one request alone, stopping at the same end ids."""
     out = backend.model.generate(
-        torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=sorted(backend.stop_token_ids), pad_token_id=0,
+        torch.tensor([ids]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=sorted(backend.stop_token_ids),
+        pad_token_id=0,
     )
     generated = out[0, len(ids) :].tolist()
     return [t for t in generated if t not in backend.stop_token_ids]

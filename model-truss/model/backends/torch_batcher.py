@@ -148,7 +148,11 @@ class TorchBackend(BatchingBackend):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
             logits_to_keep=1,
         )
         rows = [_make_row(s, self.device) for s in group]
@@ -174,7 +178,9 @@ class TorchBackend(BatchingBackend):
         logits = logits.float()
         tokens = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
-            scores = row.processors(row.history(self.device), logits[i:i + 1]) if row.processors else logits[i:i + 1]
+            scores = (
+                row.processors(row.history(self.device), logits[i : i + 1]) if row.processors else logits[i : i + 1]
+            )
             if row.generator is not None:
                 probs = torch.softmax(scores, dim=-1)
                 tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0, 0]
