@@ -9,6 +9,7 @@ streaming.py) -> a stream of pieces, or `{"output", "finish_reason", "usage"}`.
 
 import asyncio
 import atexit
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -45,9 +46,12 @@ class Model:
         self.backend: BatchingBackend | None = None
 
     def load(self) -> None:
-        artifacts = resolve_artifacts(self.settings, self.settings.cache_dir or self._data_dir, self._hf_token())
+        fetch = functools.partial(
+            resolve_artifacts, cache_dir=self.settings.cache_dir or self._data_dir, hf_token=self._hf_token()
+        )
+        artifacts = fetch(self.settings)
         self.tokenizer = AutoTokenizer.from_pretrained(artifacts.tokenizer_dir)
-        self.backend = load_backend(self.settings, artifacts, self.tokenizer)
+        self.backend = load_backend(self.settings, artifacts, self.tokenizer, fetch)
         atexit.register(self.backend.shutdown)
         metrics.track_backend(self.backend)
         if self.settings.warmup:

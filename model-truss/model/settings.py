@@ -68,6 +68,16 @@ class ServerSettings(BaseModel):
     trtllm_runner: Literal["cpp", "python"] = "cpp"
     kv_cache_free_gpu_memory_fraction: float = Field(default=0.9, gt=0.0, le=1.0)
     enable_chunked_context: bool = False
+    draft_model_repo: str | None = Field(
+        default=None,
+        description="Hub repo id or local dir of a draft engine: turns on draft-target speculative decoding (cpp "
+        "runner, a target built with --speculative_decoding_mode draft_tokens_external). The target's revision "
+        "applies when it is the target's repo, else its main.",
+    )
+    draft_subfolder: str | None = Field(default=None, description="Folder inside draft_model_repo holding the draft.")
+    max_draft_len: int | None = Field(
+        default=None, ge=1, description="Draft tokens per round, at most the target's build max_draft_len (default)."
+    )
 
     # Limits shared by both backends. None means: take it from the model/engine config.
     max_batch_size: int = Field(default=32, ge=1, le=4096)
@@ -89,6 +99,20 @@ class ServerSettings(BaseModel):
             raise ValueError(
                 f"max_input_len ({self.max_input_len}) must be below max_seq_len ({self.max_seq_len}) "
                 "so that at least one token can be generated"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_draft(self) -> ServerSettings:
+        if self.draft_model_repo is None and (self.draft_subfolder or self.max_draft_len):
+            raise ValueError(
+                "draft_subfolder and max_draft_len need a draft engine; set draft_model_repo (LLM_DRAFT_MODEL_REPO) "
+                "or remove them"
+            )
+        if self.draft_model_repo and (self.backend is not Backend.TENSORRT_LLM or self.trtllm_runner != "cpp"):
+            raise ValueError(
+                "draft-target speculative decoding runs on the C++ Executor only; set backend: tensorrt_llm and "
+                "trtllm_runner: cpp, or unset draft_model_repo"
             )
         return self
 

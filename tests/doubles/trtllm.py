@@ -16,7 +16,14 @@ Executor (`tensorrt_llm.bindings.executor`), as `Executor::Impl` and `LlmRequest
 - non-streaming: one final response with prompt + generated ids, unless `exclude_input_from_output`;
 - a request the engine rejects (prompt above max_input_len, end_id outside the vocabulary, or a
   prompt in `FakeModel.failing_prompts`) gets `Response(request_id, error_msg)`: `has_error()`;
-- `cancel_request(id)` ends the request at the next iteration with a CANCELLED final response.
+- `cancel_request(id)` ends the request at the next iteration with a CANCELLED final response;
+- external draft tokens (`Request(external_draft_tokens_config=ExternalDraftTokensConfig(tokens))`, an
+  engine built with draft_tokens_external): in ONE iteration the target accepts the longest prefix of
+  the draft tokens equal to its own next tokens and adds one token of its own, and the request ends
+  there, as tests/bindings/test_executor_bindings.py `test_request_perf_metrics_draft` shows (4 draft
+  tokens, 2 accepted, 3 new tokens, final in iteration 0). The finish reason of such a round is not
+  in that test; the double says LENGTH. More draft tokens than the engine's max_draft_len is an error
+  (`LlmRequest::validate`: "exceeds maximum draft").
 
 Runners (`tensorrt_llm.runtime`):
 - `ModelRunnerCpp.from_dir(engine_dir, **kw)` takes the real keyword set and keeps the Executor as `.session`;
@@ -28,7 +35,8 @@ Runners (`tensorrt_llm.runtime`):
   `pad_id` are per call; temperature/top_k/top_p/repetition_penalty/random_seed are scalars or [batch] tensors.
 
 The model (`FakeModel`) is deterministic: the next id is a function of the whole sequence so far,
-and ids below `RESERVED_IDS` (special tokens) come only from `scripts`.
+and ids below `RESERVED_IDS` (special tokens) come only from `scripts`. Each engine folder can have
+its own model (`FakeTrtllm.models`), so a draft engine can agree with its target or not.
 """
 
 from __future__ import annotations
@@ -55,18 +63,24 @@ RESERVED_IDS = 10  # ids 0..9 are special tokens (pad, end, stop); the default r
 
 @dataclass
 class FakeModel:
-    """Next token = f(prompt + generated); `scripts` pin a prompt's first outputs (e.g. to end it)."""
+    """Next token = f(prompt + generated); `scripts` pin what follows a prompt (e.g. to end it)."""
 
     vocab_size: int = 1000
     scripts: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
     failing_prompts: set[tuple[int, ...]] = field(default_factory=set)
+    wrong_every: int = 0  # a draft's flaw: at sequence lengths divisible by this, a different id than the rule's
 
     def next_token(self, prompt: list[int], generated: list[int]) -> int:
-        script = self.scripts.get(tuple(prompt))
-        if script is not None and len(generated) < len(script):
-            return script[len(generated)]
+        """A function of the sequence alone, so a continuation sent as a new prompt goes on the same way."""
         sequence = [*prompt, *generated]
-        return RESERVED_IDS + (sum(sequence) * 31 + len(sequence)) % (self.vocab_size - RESERVED_IDS)
+        for start, script in self.scripts.items():
+            made = sequence[len(start) :]
+            if tuple(sequence[: len(start)]) == start and len(made) < len(script) and made == script[: len(made)]:
+                return script[len(made)]
+        token = (sum(sequence) * 31 + len(sequence)) % (self.vocab_size - RESERVED_IDS)
+        if self.wrong_every and len(sequence) % self.wrong_every == 0:
+            token = (token + 1) % (self.vocab_size - RESERVED_IDS)
+        return RESERVED_IDS + token
 
     def tokens(self, prompt: list[int], count: int) -> list[int]:
         """The first `count` ids the model makes for `prompt` when nothing stops it."""
@@ -119,6 +133,24 @@ class OutputConfig:
     additional_model_outputs: list[Any] | None = None
 
 
+class ExternalDraftTokensConfig:
+    """`ExternalDraftTokensConfig(tokens, logits=None, acceptance_threshold=None, fast_logits=None)`."""
+
+    def __init__(
+        self,
+        tokens: list[int],
+        logits: Any = None,
+        acceptance_threshold: float | None = None,
+        fast_logits: bool | None = None,
+    ) -> None:
+        if logits is not None or fast_logits:
+            raise NotImplementedError("the double verifies by token comparison only (use_logits=False)")
+        self.tokens = list(tokens)
+        self.logits = logits
+        self.acceptance_threshold = acceptance_threshold
+        self.fast_logits = fast_logits
+
+
 _REQUEST_EXTRA_FIELDS = frozenset({
     "position_ids", "bad_words", "embedding_bias", "external_draft_tokens_config", "prompt_tuning_config",
     "multimodal_input", "multimodal_embedding", "mrope_config", "lora_config", "lookahead_config",
@@ -159,6 +191,12 @@ class Request:
         self.end_id = end_id
         self.pad_id = pad_id
         self.stop_words = stop_words
+        self.external_draft_tokens_config: ExternalDraftTokensConfig | None = extra.get("external_draft_tokens_config")
+
+    @property
+    def draft_tokens(self) -> list[int]:
+        config = self.external_draft_tokens_config
+        return config.tokens if config is not None else []
 
 
 @dataclass
@@ -206,8 +244,18 @@ class _Live:
     iterations: int = 0
 
     def advance(self, model: FakeModel) -> FinishReason | None:
-        """One decode step; returns why the request finished, if it did."""
+        """One iteration; returns why the request finished, if it did."""
         self.iterations += 1
+        draft = self.request.draft_tokens if self.iterations == 1 else []
+        for proposed in draft:  # greedy verification: accept while the draft says what the model says
+            reason = self._decode(model)
+            if reason is not None or self.generated[-1] != proposed:
+                return reason or FinishReason.LENGTH  # that token was the model's own; the round ends
+        reason = self._decode(model)
+        return reason or (FinishReason.LENGTH if draft else None)
+
+    def _decode(self, model: FakeModel) -> FinishReason | None:
+        """One token of the model's own."""
         token = model.next_token(self.request.input_token_ids, self.generated)
         if self.request.end_id is not None and self.request.end_id >= 0 and token == self.request.end_id:
             return FinishReason.END_ID  # the end token is not part of the output
@@ -241,8 +289,9 @@ class FakeExecutor:
     """`tensorrt_llm.bindings.executor.Executor`; records what it was asked to do, and from which thread."""
 
     def __init__(self, model: FakeModel, *, max_batch_size: int, max_input_len: int, max_seq_len: int,
-                 leader: bool, iteration_seconds: float) -> None:  # fmt: skip
+                 leader: bool, iteration_seconds: float, max_draft_len: int = 0) -> None:  # fmt: skip
         self.model = model
+        self.max_draft_len = max_draft_len
         self.max_batch_size = max_batch_size
         self.max_input_len = max_input_len
         self.max_seq_len = max_seq_len
@@ -323,6 +372,9 @@ class FakeExecutor:
             )
         if request.end_id is not None and not -1 <= request.end_id < self.model.vocab_size:
             return f"EndId ({request.end_id}) is not within acceptable range [-1, {self.model.vocab_size})."
+        if len(request.draft_tokens) > self.max_draft_len:
+            drafts = len(request.draft_tokens)
+            return f"Draft tokens length ({drafts}) exceeds maximum draft length ({self.max_draft_len})."
         if tuple(request.input_token_ids) in self.model.failing_prompts:
             return "injected failure for this prompt"
         return None
@@ -427,12 +479,13 @@ class FakeModelRunnerCpp:
             max_beam_width = build.get("max_beam_width", 1)
         assert max_beam_width <= build.get("max_beam_width", 1)
         executor = FakeExecutor(
-            fake.model,
+            fake.model_for(engine_dir),
             max_batch_size=max_batch_size,
             max_input_len=build["max_input_len"],
             max_seq_len=build["max_seq_len"],
             leader=is_orchestrator_mode or rank == 0,
             iteration_seconds=fake.iteration_seconds,
+            max_draft_len=build.get("max_draft_len", 0),
         )
         fake.executors.append(executor)
         max_input_len = max_input_len if max_input_len is not None else build["max_input_len"]
@@ -606,6 +659,7 @@ class FakeTrtllm:
     """State shared by the fake modules; tests read what the backend did from here."""
 
     model: FakeModel = field(default_factory=FakeModel)
+    models: dict[str, FakeModel] = field(default_factory=dict)  # engine folder -> its own model (a draft's)
     mpi_rank: int = 0
     mpi_world_size: int = 1
     iteration_seconds: float = 0.0
@@ -619,13 +673,16 @@ class FakeTrtllm:
     def executor(self) -> FakeExecutor:
         return self.executors[-1]
 
+    def model_for(self, engine_dir: str | Path) -> FakeModel:
+        return self.models.get(str(engine_dir), self.model)
+
     def modules(self) -> dict[str, types.ModuleType]:
         package = types.ModuleType("tensorrt_llm")
         package.__path__ = []  # a package, so `import tensorrt_llm.x` looks in sys.modules
         package.__version__ = self.version
 
         executor = types.ModuleType("tensorrt_llm.bindings.executor")
-        for cls in (FinishReason, SamplingConfig, OutputConfig, Request, Response, Result):
+        for cls in (FinishReason, SamplingConfig, OutputConfig, ExternalDraftTokensConfig, Request, Response, Result):
             setattr(executor, cls.__name__, cls)
         executor.Executor = FakeExecutor
         bindings = types.ModuleType("tensorrt_llm.bindings")
@@ -667,6 +724,7 @@ def write_engine_config(
     tp_size: int = 1,
     pp_size: int = 1,
     vocab_size: int = 1000,
+    max_draft_len: int = 0,
 ) -> Path:
     """A `config.json` shaped like trtllm-build's (only the keys anyone reads)."""
     engine_dir.mkdir(parents=True, exist_ok=True)
@@ -684,6 +742,10 @@ def write_engine_config(
             "max_seq_len": max_seq_len,
             "max_beam_width": 1,
             "max_num_tokens": max_batch_size * max_input_len,
+            "max_draft_len": max_draft_len,
+            "speculative_decoding_mode": 2
+            if max_draft_len
+            else 1,  # SpeculativeDecodingMode DRAFT_TOKENS_EXTERNAL / NONE
             "plugin_config": {"gpt_attention_plugin": "auto", "remove_input_padding": True, "paged_kv_cache": True},
         },
     }

@@ -4,13 +4,15 @@ What is checked: concurrent requests share in-flight batches through one engine 
 its own tokens; chunks are deltas without prompt or end token; finish reasons; cancellation reaches
 `cancel_request`; an engine error fails one request only; limits come from config.json and settings
 above the engine are refused; the multi-GPU launch modes; the Python runner's batching and decoding;
-and the two runners agree.
+the two runners agree; and draft-target speculative decoding gives greedy requests the same tokens as
+plain decoding, in fewer target steps when the draft agrees, with its settings checked at load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,12 +23,12 @@ from typing import Any
 import pytest
 
 from model import engine_meta
-from model.artifacts import Artifacts
+from model.artifacts import Artifacts, resolve_artifacts
 from model.backends.base import Limits, SamplingParams, TokenChunk
 from model.backends.trtllm import TrtllmBackend, executor_of, serve_worker_rank
 from model.errors import ArtifactError, BackendError, EngineMismatchError
-from model.settings import Backend, ServerSettings, SettingsError
-from tests.doubles.trtllm import FakeTrtllm, write_engine_config
+from model.settings import Backend, ServerSettings, SettingsError, load_settings
+from tests.doubles.trtllm import FakeModel, FakeTrtllm, write_engine_config
 
 PAD, END, IM_END = 0, 2, 3  # IM_END: a chat model's end-of-turn token, listed in generation_config.json
 GREEDY = SamplingParams(max_new_tokens=12)
@@ -54,14 +56,17 @@ def artifacts(tmp_path: Path, engine_dir: Path) -> Artifacts:
 
 
 @pytest.fixture
-def make_backend(artifacts: Artifacts) -> Iterator[Callable[..., TrtllmBackend]]:
+def make_backend(artifacts: Artifacts, tmp_path: Path) -> Iterator[Callable[..., TrtllmBackend]]:
     """Loads a backend (not started, so tests can queue requests first); shuts every one down after."""
     loaded: list[TrtllmBackend] = []
+
+    def fetch(settings: ServerSettings) -> Artifacts:  # what model.py binds: the real resolver, cache and token
+        return resolve_artifacts(settings, tmp_path / "cache", None)
 
     def make(**settings: Any) -> TrtllmBackend:
         values = {"backend": Backend.TENSORRT_LLM, "max_batch_size": 8, **settings}
         tokenizer = SimpleNamespace(eos_token_id=END, pad_token_id=PAD)
-        loaded.append(TrtllmBackend.load(ServerSettings(**values), artifacts, tokenizer))
+        loaded.append(TrtllmBackend.load(ServerSettings(**values), artifacts, tokenizer, fetch))
         return loaded[-1]
 
     yield make
@@ -444,3 +449,181 @@ def wait_until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.005)
+
+
+# -- draft-target speculative decoding -----------------------------------------------------------
+
+
+@pytest.fixture
+def draft_repo(tmp_path: Path, engine_dir: Path, artifacts: Artifacts) -> Path:
+    """A target built with draft_tokens_external (max_draft_len 4) and a repo with its draft in `draft-1b/`."""
+    write_engine_config(engine_dir, max_draft_len=4)
+    write_engine_config(tmp_path / "drafts" / "draft-1b")
+    (artifacts.tokenizer_dir / "tokenizer.json").write_text("{}")  # resolve_artifacts checks it is there
+    return tmp_path / "drafts"
+
+
+@pytest.fixture
+def make_speculative(make_backend, draft_repo) -> Callable[..., TrtllmBackend]:
+    def make(**settings: Any) -> TrtllmBackend:
+        return make_backend(draft_model_repo=str(draft_repo), draft_subfolder="draft-1b", **settings)
+
+    return make
+
+
+def answer(chunks: list[TokenChunk]) -> tuple[list[int], str | None]:
+    return tokens_of(chunks), chunks[-1].finish_reason
+
+
+def test_speculative_greedy_outputs_equal_plain_outputs(fake, make_backend, make_speculative, draft_repo) -> None:
+    fake.model.scripts[(80, 81)] = [90, 91, 92, 93, 94, 95, END]
+    fake.model.scripts[(82,)] = [91, 92, IM_END]
+    fake.models[str(draft_repo / "draft-1b")] = FakeModel(scripts=fake.model.scripts, wrong_every=3)  # agrees 2 in 3
+    requests = [
+        ([80, 81], GREEDY),
+        ([82], GREEDY),
+        ([83, 84, 85], SamplingParams(max_new_tokens=23)),
+        ([86], SamplingParams(max_new_tokens=1)),
+        ([80, 81], SamplingParams(max_new_tokens=9, ignore_eos=True)),
+        *((prompt, SamplingParams(max_new_tokens=17)) for prompt in prompts(5)),
+    ]
+
+    plain = serve_all(make_backend(), requests)
+    speculative = serve_all(make_speculative(), requests)
+
+    assert [answer(c) for c in speculative] == [answer(c) for c in plain]
+    assert answer(speculative[0]) == ([90, 91, 92, 93, 94, 95], "stop")
+    assert answer(speculative[1]) == ([91, 92], "stop")
+    target, draft = fake.executors[-2:]
+    assert len(target.requests) < sum(len(tokens_of(c)) for c in speculative)  # some drafts were accepted
+    assert max(target.batch_sizes) > 1 and max(draft.batch_sizes) > 1  # requests advance together
+
+
+def test_an_agreeing_draft_takes_one_target_step_per_draft_len_plus_one_tokens(fake, make_speculative) -> None:
+    backend = make_speculative()  # the draft's model is the target's: every draft token is accepted
+    prompt = [101, 102]
+
+    [chunks] = serve_all(backend, [(prompt, SamplingParams(max_new_tokens=21))])
+
+    assert answer(chunks) == (fake.model.tokens(prompt, 21), "length")
+    target, draft = fake.executors
+    assert len(target.requests) == 5 and len(target.batch_sizes) == 5  # 5 + 5 + 5 + 5 + 1 tokens, one step each
+    assert [len(r.draft_tokens) for r in target.requests.values()] == [4, 4, 4, 4, 0]
+    assert [r.max_tokens for r in draft.requests.values()] == [4, 4, 4, 4]
+    assert [len(c.token_ids) for c in chunks] == [5, 5, 5, 5, 1]
+    for request in draft.requests.values():
+        assert not request.streaming and request.sampling_config.top_k == 1  # greedy proposals
+    first = target.requests[1]
+    assert (first.input_token_ids, first.max_tokens) == (prompt, 5)
+    assert first.draft_tokens == fake.model.tokens(prompt, 4) and not first.streaming
+    for call in fake.from_dir_calls:
+        assert call["kv_cache_enable_block_reuse"] and call["is_orchestrator_mode"]
+        assert call["max_input_len"] == backend.limits.max_seq_len - 1  # rounds send prompt + tokens so far
+
+
+def test_speculative_rounds_continue_from_the_accepted_tokens(fake, make_speculative, draft_repo) -> None:
+    fake.models[str(draft_repo / "draft-1b")] = FakeModel(wrong_every=1)  # never right: one token per round
+    backend = make_speculative(max_draft_len=2)
+    prompt = [103]
+
+    [chunks] = serve_all(backend, [(prompt, SamplingParams(max_new_tokens=4))])
+
+    assert answer(chunks) == (fake.model.tokens(prompt, 4), "length")
+    target, draft = fake.executors
+    assert [r.input_token_ids for r in target.requests.values()] == [
+        prompt + fake.model.tokens(prompt, n) for n in range(4)
+    ]
+    assert [r.max_tokens for r in draft.requests.values()] == [2, 2, 1]  # never past max_new_tokens
+
+
+def test_cancelling_a_speculative_request_cancels_its_call_in_flight(fake, make_speculative) -> None:
+    fake.iteration_seconds = 0.002
+    backend = make_speculative()
+    backend.start()
+    cancelled, other = [31, 32], [33]
+
+    async def main() -> list[TokenChunk]:
+        task = asyncio.create_task(collect(backend, other, SamplingParams(max_new_tokens=40)))
+        stream = backend.generate(cancelled, SamplingParams(max_new_tokens=100))
+        await anext(stream)
+        await stream.aclose()
+        return await task
+
+    other_chunks = asyncio.run(main())
+
+    assert tokens_of(other_chunks) == fake.model.tokens(other, 40)
+    wait_until(lambda: not backend.engine.has_work())
+    target, draft = fake.executors
+    ours = {
+        (executor, i)
+        for executor in (target, draft)
+        for i, r in executor.requests.items()
+        if r.input_token_ids[:2] == cancelled
+    }
+    cancels = [(executor, i) for executor in (target, draft) for name, i in executor.calls if name == "cancel"]
+    assert len(cancels) == 1 and cancels[0] in ours  # the one call in flight, on whichever executor held it
+    last = max(ours, key=lambda call: call[1] if call[0] is cancels[0][0] else -1)
+    assert last == cancels[0]  # and no round was started after it
+
+
+def test_a_failed_round_fails_only_its_request(fake, make_speculative, draft_repo) -> None:
+    bad = [60, 61]
+    fake.model.failing_prompts.add(tuple(bad))  # the target refuses it; the draft has its own model
+    fake.models[str(draft_repo / "draft-1b")] = FakeModel()
+    backend = make_speculative()
+    good = prompts(3)
+
+    results = serve_all(backend, [(good[0], GREEDY), (bad, GREEDY), (good[1], GREEDY), (good[2], GREEDY)])
+
+    assert isinstance(results[1], BackendError) and "injected failure" in str(results[1])
+    for prompt, chunks in zip(good, [results[0], results[2], results[3]], strict=True):
+        assert answer(chunks) == (fake.model.tokens(prompt, GREEDY.max_new_tokens), "length")
+    assert backend.is_healthy()
+
+
+def test_speculative_load_checks_the_draft_and_keeps_sequences_within_both_engines(
+    fake, make_speculative, draft_repo
+) -> None:
+    backend = make_speculative()
+    assert ("verify", str(draft_repo / "draft-1b")) in fake.events
+    # each round's input (prompt + tokens so far) must fit max_input_len 64: sequences end at 65
+    assert backend.limits == Limits(max_input_len=64, max_seq_len=65, max_new_tokens=64, max_batch_size=8)
+
+
+def test_a_target_without_draft_tokens_external_is_refused(fake, make_speculative, engine_dir) -> None:
+    write_engine_config(engine_dir)
+    with pytest.raises(EngineMismatchError, match="--speculative_decoding_mode draft_tokens_external"):
+        make_speculative()
+
+
+def test_max_draft_len_above_the_target_build_is_refused(fake, make_speculative) -> None:
+    with pytest.raises(SettingsError, match=r"max_draft_len=5 .*LLM_MAX_DRAFT_LEN\) to at most 4"):
+        make_speculative(max_draft_len=5)
+
+
+def test_a_draft_with_another_vocabulary_is_refused(fake, make_speculative, draft_repo) -> None:
+    write_engine_config(draft_repo / "draft-1b", vocab_size=2000)
+    with pytest.raises(EngineMismatchError, match="vocabulary of 2000 tokens but the target has 1000"):
+        make_speculative()
+
+
+def test_a_missing_draft_subfolder_names_the_draft_settings(fake, make_backend, draft_repo) -> None:
+    with pytest.raises(ArtifactError, match=r"draft engine: .*LLM_DRAFT_SUBFOLDER"):
+        make_backend(draft_model_repo=str(draft_repo), draft_subfolder="draft-3b")
+
+
+@pytest.mark.parametrize(
+    ("environ", "fix"),
+    [
+        ({"LLM_MAX_DRAFT_LEN": "4"}, "set draft_model_repo (LLM_DRAFT_MODEL_REPO)"),
+        ({"LLM_DRAFT_MODEL_REPO": "org/drafts"}, "set backend: tensorrt_llm and trtllm_runner: cpp"),
+        (
+            {"LLM_DRAFT_MODEL_REPO": "org/drafts", "LLM_BACKEND": "tensorrt_llm", "LLM_TRTLLM_RUNNER": "python"},
+            "trtllm_runner: cpp",
+        ),
+        ({"LLM_MAX_DRAFT_LEN": "0", "LLM_DRAFT_MODEL_REPO": "org/drafts"}, "greater than or equal to 1"),
+    ],
+)
+def test_draft_settings_that_cannot_be_served_are_refused(environ: dict[str, str], fix: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(fix)):
+        load_settings({}, environ)

@@ -7,6 +7,7 @@ backend module is imported lazily; asking for an unavailable backend fails loudl
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from transformers import PreTrainedTokenizerBase
 
@@ -17,12 +18,17 @@ from model.settings import Backend, ServerSettings
 logger = logging.getLogger(__name__)
 
 
-def load_backend(settings: ServerSettings, artifacts: Artifacts, tokenizer: PreTrainedTokenizerBase) -> BatchingBackend:
-    """Build and start the configured backend."""
+def load_backend(
+    settings: ServerSettings,
+    artifacts: Artifacts,
+    tokenizer: PreTrainedTokenizerBase,
+    fetch: Callable[[ServerSettings], Artifacts],
+) -> BatchingBackend:
+    """Build and start the configured backend; `fetch` resolves further artifacts (a draft engine)."""
     if settings.backend is Backend.TENSORRT_LLM:
         from model.backends.trtllm import TrtllmBackend
 
-        backend: BatchingBackend = TrtllmBackend.load(settings, artifacts, tokenizer)
+        backend: BatchingBackend = TrtllmBackend.load(settings, artifacts, tokenizer, fetch)
     else:
         from model.backends.torch_batcher import TorchBackend
 

@@ -12,6 +12,16 @@ the engine's max_seq_len). An error inside the engine for one request fails that
   Executor batches it in flight with the running ones), cancels closed streams with `cancel_request`,
   waits at most `POLL` in `await_responses`, and hands each `Response` to the stream its `request_id`
   belongs to.
+- `trtllm_runner: cpp` with `draft_model_repo`: draft-target speculative decoding (`SpeculativeEngine`),
+  TensorRT-LLM's run_dtm_pld.py loop per request instead of per batch. Two `ModelRunnerCpp`
+  (target, then draft; orchestrator mode and KV-cache block reuse, as run_dtm_pld.py builds them). Each
+  round of a request: the draft decodes up to max_draft_len greedy tokens of the sequence (a
+  non-streaming request); the target gets the same sequence with them as `ExternalDraftTokensConfig`
+  and max_tokens = len(draft) + 1, and returns the draft tokens it accepted plus one of its own (greedy
+  verification: token comparison, run.py's `use_logits=False`). Those go to the stream; the next round
+  starts from the longer sequence. Every request has one call in flight; all requests' calls are in
+  flight together; an error or cancel touches only that call. A sampled request's target samples with
+  seed + round. Sequences stay below both engines' max_input_len + 1 (each round is a new request).
 - `trtllm_runner: python` (`ModelRunner`, the Python session): the weaker mode, dynamic static
   batching. It has no Executor; one `generate()` decodes one fixed batch. The loop gathers the waiting
   requests into a batch (at most max_batch_size; one `ignore_eos` value; longest prompt + largest
@@ -60,8 +70,23 @@ Checked against NVIDIA/TensorRT-LLM through the code index (1.2.0rc2 is commit b
   in non-streaming output; the sampling-kernel tests: sequence length excludes the end token.
 - executor worker (`end_id=-1 if ignore_eos`, `await_responses(timeout=timedelta(...))`),
   examples/run.py and examples/utils.py (pad_id falls back to end_id), _utils.py (000a01de, 1.0.0rc4).
+- Draft-target: examples/draft_target_model/README.md (11925f62: target built with draft_tokens_external
+  and max_draft_len, block reuse required, C++ runtime only, no beams); examples/prompt_lookup/run_dtm_pld.py
+  (c3a2348d, the loop run.py calls: draft generate of draft_len, target generate with the draft tokens and
+  max_new_tokens = draft_len + 1, every target token kept, both runners in orchestrator mode with
+  `kv_cache_enable_block_reuse`); examples/cpp/executor/executorExampleFastLogits.cpp (the same with two
+  Executors: target request with maxNewTokens = draft + 1 and `ExternalDraftTokensConfig`,
+  `KvCacheConfig(enableBlockReuse)`); pybind/executor/request.cpp (`ExternalDraftTokensConfig(tokens,
+  logits=None, acceptance_threshold=None, fast_logits=None)`, `Request(external_draft_tokens_config=...)`);
+  the executor bindings test `test_request_perf_metrics_draft` (4 draft tokens, 2 accepted: 3 new tokens,
+  final after one iteration); models/modeling_utils.py and builder.py (`SpeculativeDecodingMode` IntFlag,
+  DRAFT_TOKENS_EXTERNAL = 2; `build_config.max_draft_len` / `speculative_decoding_mode` in config.json).
 Only against the double (tests/doubles/trtllm.py): that the Executor accepts these calls at runtime,
-orchestrator spawning on a real node, end_id=-1 in the Python session, and all timing.
+orchestrator spawning on a real node, end_id=-1 in the Python session, and all timing. For draft-target:
+the finish reason of a verification round (LENGTH and NOT_FINISHED are both taken as "round over"), how
+config.json spells the mode (the int and the name are both accepted), two Executors in one process on
+one GPU (memory: the target is built first and takes kv_cache_free_gpu_memory_fraction of what is free,
+the draft the same share of the rest), and the speed-up.
 """
 
 from __future__ import annotations
@@ -70,8 +95,8 @@ import datetime
 import json
 import logging
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -88,6 +113,7 @@ from model.settings import ServerSettings, SettingsError
 logger = logging.getLogger(__name__)
 
 POLL = datetime.timedelta(milliseconds=10)  # longest wait in await_responses before new requests get in
+DRAFT_TOKENS_EXTERNAL = 2  # SpeculativeDecodingMode.DRAFT_TOKENS_EXTERNAL, an IntFlag (NONE = 1) in config.json
 
 
 @dataclass(frozen=True)
@@ -101,6 +127,8 @@ class EngineSpec:
     tp_size: int
     pp_size: int
     world_size: int  # ranks, one per GPU
+    max_draft_len: int = 0  # draft tokens one target step can verify (trtllm-build --max_draft_len)
+    draft_tokens_external: bool = False  # built with --speculative_decoding_mode draft_tokens_external
 
     @classmethod
     def read(cls, engine_dir: Path) -> EngineSpec:
@@ -118,12 +146,19 @@ class EngineSpec:
                 tp_size=tp_size,
                 pp_size=pp_size,
                 world_size=int(mapping.get("world_size", tp_size * pp_size)),
+                max_draft_len=int(build.get("max_draft_len") or 0),
+                draft_tokens_external=_is_draft_tokens_external(build.get("speculative_decoding_mode")),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ArtifactError(
                 f"{path} is not a trtllm-build engine config ({type(exc).__name__}: {exc}); point model_repo "
                 "(and subfolder) at the folder trtllm-build wrote, with config.json and rank<N>.engine"
             ) from exc
+
+
+def _is_draft_tokens_external(mode: Any) -> bool:
+    """The IntFlag's value, or its name should a TensorRT-LLM version write the enum as a string."""
+    return mode == DRAFT_TOKENS_EXTERNAL or "draft_tokens_external" in str(mode).lower()
 
 
 def engine_limits(settings: ServerSettings, engine: EngineSpec) -> Limits:
@@ -198,8 +233,18 @@ class TrtllmBackend(BatchingBackend):
         self.engine = engine
 
     @classmethod
-    def load(cls, settings: ServerSettings, artifacts: Artifacts, tokenizer: PreTrainedTokenizerBase) -> TrtllmBackend:
-        """Refuse a foreign engine or impossible settings first, then build the configured runner."""
+    def load(
+        cls,
+        settings: ServerSettings,
+        artifacts: Artifacts,
+        tokenizer: PreTrainedTokenizerBase,
+        fetch: Callable[[ServerSettings], Artifacts] | None = None,
+    ) -> TrtllmBackend:
+        """Refuse a foreign engine or impossible settings first, then build the configured runner.
+
+        `fetch` is `model.artifacts.resolve_artifacts` bound to this deployment's cache and token; only a
+        draft engine (settings.draft_model_repo) needs it, to be found the way the target was.
+        """
         from model.engine_meta import verify_engine_compatible
 
         engine_dir = artifacts.model_dir
@@ -207,16 +252,21 @@ class TrtllmBackend(BatchingBackend):
         spec = EngineSpec.read(engine_dir)
         limits = engine_limits(settings, spec)
         ids = token_ids(tokenizer, artifacts, spec)
+        draft = load_draft(settings, spec, artifacts, fetch) if settings.draft_model_repo else None
         if settings.trtllm_runner == "python":
             engine: _Engine = StaticBatchEngine.build(spec, limits, ids, engine_dir)
+        elif draft is not None:
+            limits = speculative_limits(limits, spec, draft.spec)
+            engine = SpeculativeEngine.build(settings, limits, ids, engine_dir, draft)
         else:
             engine = ExecutorEngine.build(settings, spec, limits, ids, engine_dir)
         logger.info(
-            "tensorrt_llm backend: %s runner, %d rank(s), end_id %d, stop ids %s",
+            "tensorrt_llm backend: %s runner, %d rank(s), end_id %d, stop ids %s, %s",
             settings.trtllm_runner,
             spec.world_size,
             ids.end_id,
             sorted(ids.stop_ids),
+            f"draft-target with {draft.draft_len} draft tokens from {draft.engine_dir}" if draft else "no draft",
         )
         return cls(engine, limits, ids.stop_ids)
 
@@ -244,12 +294,8 @@ class ExecutorEngine:
         self._executor = executor_of(runner)
         self._api = api  # tensorrt_llm.bindings.executor
         self._ids = ids
-        self._stop_words = [[token] for token in sorted(ids.stop_ids - {ids.end_id})] or None
-        self._reasons: dict[Any, FinishReason] = {
-            api.FinishReason.END_ID: "stop",
-            api.FinishReason.STOP_WORDS: "stop",
-            api.FinishReason.LENGTH: "length",
-        }
+        self._stop_words = _stop_words(ids)
+        self._reasons = _finish_reasons(api)
         self._by_executor_id: dict[int, Submission] = {}
         self._executor_ids: dict[int, int] = {}  # Submission.request_id -> Executor request id
 
@@ -293,27 +339,13 @@ class ExecutorEngine:
         self._executor.shutdown()
 
     def _enqueue(self, submission: Submission) -> None:
-        try:
-            executor_id = self._executor.enqueue_request(self._request(submission))
-        except Exception as exc:  # the Executor refused this request's arguments; the others are unaffected
-            logger.warning("TensorRT-LLM refused request %d: %s", submission.request_id, exc)
-            submission.stream.fail(BackendError(f"TensorRT-LLM refused this request: {exc}"))
-            return
-        self._by_executor_id[executor_id] = submission
-        self._executor_ids[submission.request_id] = executor_id
-
-    def _request(self, submission: Submission) -> Any:
-        params = submission.params
-        return self._api.Request(
-            input_token_ids=submission.prompt_ids,
-            max_tokens=params.max_new_tokens,  # new tokens, not counting the prompt
-            streaming=True,
-            sampling_config=_executor_sampling(self._api, params),
-            output_config=self._api.OutputConfig(exclude_input_from_output=True),
-            end_id=-1 if params.ignore_eos else self._ids.end_id,
-            pad_id=self._ids.pad_id,
-            stop_words=None if params.ignore_eos else self._stop_words,
+        request = _executor_request(
+            self._api, self._ids, submission.prompt_ids, submission.params, streaming=True, stop_words=self._stop_words
         )
+        executor_id = _enqueue_or_fail(self._executor, request, submission)
+        if executor_id is not None:
+            self._by_executor_id[executor_id] = submission
+            self._executor_ids[submission.request_id] = executor_id
 
     def _cancel(self, request_id: int) -> None:
         executor_id = self._executor_ids.pop(request_id, None)
@@ -346,6 +378,49 @@ class ExecutorEngine:
     def _forget(self, executor_id: int) -> None:
         submission = self._by_executor_id.pop(executor_id)
         self._executor_ids.pop(submission.request_id, None)
+
+
+def _executor_request(
+    api: ModuleType,
+    ids: TokenIds,
+    prompt: list[int],
+    params: SamplingParams,
+    *,
+    streaming: bool,
+    stop_words: list[list[int]] | None,
+    **extra: Any,
+) -> Any:
+    """One Executor `Request`: new ids only in its output, `max_tokens` = params.max_new_tokens (prompt excluded)."""
+    return api.Request(
+        input_token_ids=prompt,
+        max_tokens=params.max_new_tokens,
+        streaming=streaming,
+        sampling_config=_executor_sampling(api, params),
+        output_config=api.OutputConfig(exclude_input_from_output=True),
+        end_id=-1 if params.ignore_eos else ids.end_id,
+        pad_id=ids.pad_id,
+        stop_words=None if params.ignore_eos else stop_words,
+        **extra,
+    )
+
+
+def _enqueue_or_fail(executor: Any, request: Any, submission: Submission) -> int | None:
+    """The Executor's id for `request`; if it refuses the arguments, this request fails and the others go on."""
+    try:
+        return executor.enqueue_request(request)
+    except Exception as exc:
+        logger.warning("TensorRT-LLM refused request %d: %s", submission.request_id, exc)
+        submission.stream.fail(BackendError(f"TensorRT-LLM refused this request: {exc}"))
+        return None
+
+
+def _stop_words(ids: TokenIds) -> list[list[int]] | None:
+    """Stop ids other than the end id, as one-token stop words (the end id stops by itself)."""
+    return [[token] for token in sorted(ids.stop_ids - {ids.end_id})] or None
+
+
+def _finish_reasons(api: ModuleType) -> dict[Any, FinishReason]:
+    return {api.FinishReason.END_ID: "stop", api.FinishReason.STOP_WORDS: "stop", api.FinishReason.LENGTH: "length"}
 
 
 def executor_of(runner: Any) -> Any:
@@ -390,7 +465,15 @@ def _launch_layout(spec: EngineSpec) -> tuple[int, bool]:
     )
 
 
-def _cpp_runner(settings: ServerSettings, limits: Limits, engine_dir: Path, *, rank: int, orchestrator: bool) -> Any:
+def _cpp_runner(
+    settings: ServerSettings,
+    limits: Limits,
+    engine_dir: Path,
+    *,
+    rank: int,
+    orchestrator: bool,
+    block_reuse: bool = False,
+) -> Any:
     from tensorrt_llm.runtime import ModelRunnerCpp
 
     return ModelRunnerCpp.from_dir(
@@ -401,6 +484,7 @@ def _cpp_runner(settings: ServerSettings, limits: Limits, engine_dir: Path, *, r
         max_beam_width=1,
         kv_cache_free_gpu_memory_fraction=settings.kv_cache_free_gpu_memory_fraction,
         enable_chunked_context=settings.enable_chunked_context,
+        kv_cache_enable_block_reuse=block_reuse,
         is_orchestrator_mode=orchestrator,
     )
 
@@ -424,6 +508,245 @@ def serve_worker_rank(settings: ServerSettings, engine_dir: Path) -> None:
     runner = _cpp_runner(settings, engine_limits(settings, spec), engine_dir, rank=rank, orchestrator=False)
     logger.info("rank %d of %d is serving its engine shard until rank 0 shuts down", rank, spec.world_size)
     executor_of(runner).shutdown()
+
+
+# -- cpp runner with a draft engine: draft-target speculative decoding ------------------------------
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A draft engine checked against its target, and how many tokens it proposes per round."""
+
+    engine_dir: Path
+    spec: EngineSpec
+    draft_len: int
+
+
+def load_draft(
+    settings: ServerSettings,
+    target: EngineSpec,
+    artifacts: Artifacts,
+    fetch: Callable[[ServerSettings], Artifacts] | None,
+) -> Draft:
+    """Find the draft as the target was found, then refuse a pairing TensorRT-LLM cannot serve."""
+    from model.engine_meta import verify_engine_compatible
+
+    if not target.draft_tokens_external:
+        raise EngineMismatchError(
+            f"draft_model_repo is set but the target engine at {artifacts.model_dir} was not built for external "
+            "draft tokens (build_config.speculative_decoding_mode in config.json); rebuild it with "
+            "--speculative_decoding_mode draft_tokens_external --max_draft_len N (a `speculative` section in its "
+            "engines/ spec), or unset draft_model_repo (LLM_DRAFT_MODEL_REPO)"
+        )
+    draft_len = settings.max_draft_len or target.max_draft_len
+    if not 1 <= draft_len <= target.max_draft_len:
+        raise SettingsError(
+            f"max_draft_len={draft_len} exceeds the target engine's build limit {target.max_draft_len} "
+            f"(build_config.max_draft_len in config.json); set max_draft_len (LLM_MAX_DRAFT_LEN) to at most "
+            f"{target.max_draft_len}, or rebuild the target with a larger --max_draft_len"
+        )
+    if fetch is None:
+        raise ArtifactError("draft_model_repo is set but TrtllmBackend.load got no fetch to resolve it with")
+    try:
+        found = fetch(draft_settings(settings, artifacts))
+    except ArtifactError as exc:
+        raise ArtifactError(
+            f"draft engine: {exc} (the draft's settings: LLM_DRAFT_MODEL_REPO, LLM_DRAFT_SUBFOLDER)"
+        ) from exc
+    verify_engine_compatible(found.model_dir)
+    spec = EngineSpec.read(found.model_dir)
+    if spec.vocab_size != target.vocab_size:
+        raise EngineMismatchError(
+            f"the draft engine at {found.model_dir} has a vocabulary of {spec.vocab_size} tokens but the target has "
+            f"{target.vocab_size}, so their token ids do not mean the same text; use a draft of the target's model "
+            "family with the same tokenizer (Llama-3.2-1B for Llama-3.3-70B)"
+        )
+    return Draft(found.model_dir, spec, draft_len)
+
+
+def draft_settings(settings: ServerSettings, target: Artifacts) -> ServerSettings:
+    """What `resolve_artifacts` needs to find the draft: its repo and subfolder; the tokenizer is the target's."""
+    same_repo = settings.draft_model_repo == settings.model_repo
+    return settings.model_copy(
+        update={
+            "model_repo": settings.draft_model_repo,
+            "subfolder": settings.draft_subfolder,
+            "revision": settings.revision if same_repo else None,  # a pinned commit exists in its own repo only
+            "allow_patterns": None,
+            "tokenizer_repo": str(target.tokenizer_dir),  # a local folder: nothing to download
+        }
+    )
+
+
+def speculative_limits(limits: Limits, target: EngineSpec, draft: EngineSpec) -> Limits:
+    """Every round sends prompt + tokens so far as a new request: that must stay a valid input to both engines."""
+    max_seq_len = min(limits.max_seq_len, target.max_input_len + 1, draft.max_input_len + 1, draft.max_seq_len)
+    return Limits(
+        max_input_len=min(limits.max_input_len, max_seq_len - 1),
+        max_seq_len=max_seq_len,
+        max_new_tokens=min(limits.max_new_tokens, max_seq_len - 1),
+        max_batch_size=min(limits.max_batch_size, draft.max_batch_size),
+    )
+
+
+@dataclass
+class _Speculation:
+    """One request under draft-target decoding; exactly one of its calls (draft or target) is in flight."""
+
+    submission: Submission
+    sequence: list[int]  # prompt + accepted tokens: the next round's input
+    seed: int  # round r samples with seed + r, so rounds of a sampled request draw different numbers
+    generated: int = 0
+    rounds: int = 0
+
+
+@dataclass
+class _Lane:
+    """One Executor and the requests waiting for its responses, by its request ids."""
+
+    executor: Any
+    waiting: dict[int, _Speculation] = field(default_factory=dict)
+
+
+class SpeculativeEngine:
+    """Rounds of draft proposals and target verification over two Executors, all requests at once.
+
+    A round of one request: the draft decodes up to draft_len greedy tokens of the sequence (one
+    non-streaming request); the target gets the same sequence with them as external draft tokens and
+    max_tokens = len(draft) + 1, and returns the ones it accepted plus one of its own. Those are the
+    request's next tokens; the next round starts from the longer sequence.
+    """
+
+    def __init__(self, target: Any, draft: Any, api: ModuleType, ids: TokenIds, draft_len: int) -> None:
+        self._runners = (target, draft)  # they own the Executors; keep them alive
+        self._target = _Lane(executor_of(target))
+        self._draft = _Lane(executor_of(draft))
+        self._api = api
+        self._ids = ids
+        self._draft_len = draft_len
+        self._stop_words = _stop_words(ids)
+        self._reasons = _finish_reasons(api)
+        # A verification round ends by its own max_tokens (LENGTH); NOT_FINISHED is accepted too, because a
+        # response of fewer tokens than max_tokens is final after one step (tests/bindings) with no reason documented.
+        self._round_ends = {api.FinishReason.LENGTH, api.FinishReason.NOT_FINISHED}
+        self._where: dict[int, tuple[_Lane, int]] = {}  # Submission.request_id -> (lane, Executor id) in flight
+
+    @classmethod
+    def build(
+        cls, settings: ServerSettings, limits: Limits, ids: TokenIds, engine_dir: Path, draft: Draft
+    ) -> SpeculativeEngine:
+        from tensorrt_llm._utils import mpi_world_size
+        from tensorrt_llm.bindings import executor as api
+
+        if mpi_world_size() != 1:
+            raise EngineMismatchError(
+                "draft-target decoding runs both engines in orchestrator mode, as TensorRT-LLM's run_dtm_pld.py "
+                "does; start the server without mpirun"
+            )
+        # Inputs grow to max_seq_len - 1; block reuse keeps earlier rounds' KV cache (run_dtm_pld.py needs it too).
+        runner_limits = replace(limits, max_input_len=limits.max_seq_len - 1)
+        target = _cpp_runner(settings, runner_limits, engine_dir, rank=0, orchestrator=True, block_reuse=True)
+        drafter = _cpp_runner(settings, runner_limits, draft.engine_dir, rank=0, orchestrator=True, block_reuse=True)
+        return cls(target, drafter, api, ids, draft.draft_len)
+
+    def has_work(self) -> bool:
+        return bool(self._where)
+
+    def step(self, new: list[Submission], cancelled: set[int]) -> None:
+        for submission in new:
+            self._next_round(_Speculation(submission, list(submission.prompt_ids), _seed(submission.params)))
+        for request_id in cancelled:
+            self._cancel(request_id)
+        busy = [lane for lane in (self._draft, self._target) if lane.waiting]
+        for lane in busy:  # await_responses returns once one is ready; the longest wait is shared out
+            for response in lane.executor.await_responses(timeout=POLL / len(busy)):
+                self._dispatch(lane, response)
+
+    def fail_all(self, exc: BaseException) -> None:
+        for lane in (self._draft, self._target):
+            for speculation in lane.waiting.values():
+                speculation.submission.stream.fail(exc)
+            lane.waiting.clear()
+        self._where.clear()
+
+    def close(self) -> None:
+        self._target.executor.shutdown()
+        self._draft.executor.shutdown()
+
+    def _next_round(self, speculation: _Speculation) -> None:
+        """Ask the draft for tokens; when one token is left to make, ask the target alone."""
+        room = speculation.submission.params.max_new_tokens - speculation.generated - 1  # the target adds one
+        draft_len = min(self._draft_len, room)
+        if draft_len > 0:
+            proposal = SamplingParams(max_new_tokens=draft_len, ignore_eos=speculation.submission.params.ignore_eos)
+            request = _executor_request(
+                self._api, self._ids, speculation.sequence, proposal, streaming=False, stop_words=None
+            )
+            self._enqueue(self._draft, speculation, request)
+        else:
+            self._verify(speculation, [])
+
+    def _verify(self, speculation: _Speculation, draft: list[int]) -> None:
+        params = replace(
+            speculation.submission.params, max_new_tokens=len(draft) + 1, seed=speculation.seed + speculation.rounds
+        )
+        request = _executor_request(
+            self._api,
+            self._ids,
+            speculation.sequence,
+            params,
+            streaming=False,
+            stop_words=self._stop_words,
+            external_draft_tokens_config=self._api.ExternalDraftTokensConfig(draft) if draft else None,
+        )
+        self._enqueue(self._target, speculation, request)
+
+    def _enqueue(self, lane: _Lane, speculation: _Speculation, request: Any) -> None:
+        executor_id = _enqueue_or_fail(lane.executor, request, speculation.submission)
+        if executor_id is not None:
+            lane.waiting[executor_id] = speculation
+            self._where[speculation.submission.request_id] = (lane, executor_id)
+
+    def _cancel(self, request_id: int) -> None:
+        where = self._where.pop(request_id, None)
+        if where is None:  # finished, or refused at enqueue
+            return
+        lane, executor_id = where
+        del lane.waiting[executor_id]  # its CANCELLED response will find no one
+        lane.executor.cancel_request(executor_id)
+
+    def _dispatch(self, lane: _Lane, response: Any) -> None:
+        speculation = lane.waiting.pop(response.request_id, None)
+        if speculation is None:
+            return
+        del self._where[speculation.submission.request_id]
+        if response.has_error():
+            speculation.submission.stream.fail(BackendError(f"TensorRT-LLM failed this request: {response.error_msg}"))
+            return
+        result = response.result  # non-streaming: the one final response, new ids only
+        tokens = list(result.output_token_ids[0])
+        if lane is self._draft:
+            self._verify(speculation, tokens)
+        else:
+            self._accept(speculation, tokens, result.finish_reasons[0])
+
+    def _accept(self, speculation: _Speculation, tokens: list[int], finish: Any) -> None:
+        """Deliver a round's tokens, then finish the request or start its next round."""
+        stream, params = speculation.submission.stream, speculation.submission.params
+        if self._reasons.get(finish) == "stop":
+            _finish(stream, tokens, "stop", self._ids.stop_ids)
+            return
+        if finish not in self._round_ends or not tokens:
+            stream.fail(BackendError(f"TensorRT-LLM ended a verification round with {finish} and {len(tokens)} tokens"))
+            return
+        speculation.sequence.extend(tokens)
+        speculation.generated += len(tokens)
+        speculation.rounds += 1
+        if speculation.generated >= params.max_new_tokens:
+            stream.put(tokens, "length")
+            return
+        stream.put(tokens)
+        self._next_round(speculation)
 
 
 # -- python runner: dynamic static batching --------------------------------------------------------
