@@ -391,7 +391,7 @@ def _describe(error: dict[str, Any]) -> str:
     loc = ".".join(str(part) for part in error["loc"]) or "spec"
     if error["type"] == "extra_forbidden":
         parent = _model_at(EngineSpec, error["loc"][:-1])
-        allowed = ", ".join(parent.model_fields) if parent else "see docs/engines.md"
+        allowed = ", ".join(parent.model_fields) if parent else "see the Engines section of README.md"
         return f"unknown key '{loc}'; remove it or fix its spelling (allowed here: {allowed})"
     if error["type"] == "missing":
         return f"'{loc}' is required"

@@ -207,7 +207,7 @@ def test_truss_reads_the_token_from_the_mounted_secret(
 
 
 def test_the_docs_create_the_secret_the_manifests_mount() -> None:
-    docs = (REPO_ROOT / "docs" / "deploy.md").read_text()
+    docs = (REPO_ROOT / "README.md").read_text()
     created = set(re.findall(r"create secret generic (\S+) --from-literal=(\w+)=", docs))
     assert created == {(k8s.HF_SECRET_NAME, k8s.HF_SECRET_KEY)}
 
