@@ -22,10 +22,10 @@ import requests
 import torch
 from rich.table import Table
 from rouge_score import rouge_scorer
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 
 from model.artifacts import resolve_artifacts
-from model.backends.torch_batcher import _pick_device, _pick_dtype
+from model.backends.torch_batcher import load_hf_model
 from model.prompting import stop_token_ids
 from model.settings import ServerSettings, load_settings
 from scripts.benchmarks.datasets import PromptCodec
@@ -72,10 +72,8 @@ class HfReference:
     def for_settings(cls, settings: ServerSettings, codec: PromptCodec, cache_dir: Path) -> HfReference:
         """The weights the server serves, on the device and in the dtype its torch backend picks."""
         artifacts = resolve_artifacts(settings, settings.cache_dir or cache_dir, None)
-        device = _pick_device(settings.device)
-        model = AutoModelForCausalLM.from_pretrained(artifacts.model_dir, dtype=_pick_dtype(settings.dtype, device))
         stops = stop_token_ids(codec.tokenizer, artifacts.model_dir, artifacts.tokenizer_dir)
-        return cls(model.to(device).eval(), stops)
+        return cls(load_hf_model(settings, artifacts.model_dir), stops)
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -84,9 +85,7 @@ class TorchBackend(BatchingBackend):
 
     @classmethod
     def load(cls, settings: ServerSettings, artifacts: Artifacts, tokenizer: PreTrainedTokenizerBase) -> TorchBackend:
-        device = _pick_device(settings.device)
-        dtype = _pick_dtype(settings.dtype, device)
-        model = AutoModelForCausalLM.from_pretrained(artifacts.model_dir, dtype=dtype).to(device).eval()
+        model = load_hf_model(settings, artifacts.model_dir)
         max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
         max_seq_len = min(settings.max_seq_len or max_positions, max_positions)
         limits = Limits(
@@ -97,7 +96,7 @@ class TorchBackend(BatchingBackend):
         )
         stops = stop_token_ids(tokenizer, artifacts.model_dir, artifacts.tokenizer_dir)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
-        logger.info("torch backend on %s in %s, stop ids %s", device, dtype, sorted(stops))
+        logger.info("torch backend on %s in %s, stop ids %s", model.device, model.dtype, sorted(stops))
         return cls(model, limits, stops, pad_id)
 
     # -- engine thread ---------------------------------------------------------------------
@@ -272,6 +271,13 @@ def _make_row(submission: Submission, device: torch.device) -> _Row:
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
     return _Row(submission, processors, generator)
+
+
+def load_hf_model(settings: ServerSettings, model_dir: Path) -> PreTrainedModel:
+    """The weights on the configured device, in the configured dtype (shared with the accuracy reference)."""
+    device = _pick_device(settings.device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_pick_dtype(settings.dtype, device))
+    return model.to(device).eval()
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
