@@ -1,4 +1,4 @@
-"""A double of the `tensorrt_llm` surface that `model/backends/trtllm.py` uses, following TensorRT-LLM 1.2.
+"""A double of the `tensorrt_llm` surface that `model/backends/trtllm/` uses, following TensorRT-LLM 1.2.
 
 TensorRT-LLM cannot be installed without a GPU, so the backend is tested against this double. Every
 class, argument and behaviour here was taken from the TensorRT-LLM sources listed in the backend's

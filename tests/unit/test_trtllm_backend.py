@@ -25,7 +25,8 @@ import pytest
 from model import engine_meta
 from model.artifacts import Artifacts, resolve_artifacts
 from model.backends.base import Limits, SamplingParams, TokenChunk
-from model.backends.trtllm import TrtllmBackend, executor_of, serve_worker_rank
+from model.backends.trtllm import TrtllmBackend, serve_worker_rank
+from model.backends.trtllm.executor import executor_of
 from model.errors import ArtifactError, BackendError, EngineMismatchError
 from model.settings import Backend, ServerSettings, SettingsError, load_settings
 from tests.doubles.trtllm import FakeModel, FakeTrtllm, write_engine_config
