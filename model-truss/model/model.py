@@ -9,10 +9,11 @@ streaming.py) -> a stream of pieces, or `{"output", "finish_reason", "usage"}`.
 
 import asyncio
 import atexit
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from fastapi import HTTPException
 from starlette.requests import Request
 from transformers import AutoTokenizer
 
-from model import metrics
+from model import metrics, openai_api
 from model.artifacts import resolve_artifacts
 from model.backends import load_backend
 from model.backends.base import BatchingBackend
@@ -63,27 +64,40 @@ class Model:
         return self.backend is not None and self.backend.is_healthy()
 
     async def predict(self, model_input: Any, request: Request) -> dict | AsyncIterator[str]:
-        """Errors before the first piece become 4xx/5xx responses; a stream starts only once it has text."""
+        """This server's API: `{"output", "finish_reason", "usage"}`, or a stream of text pieces."""
+        stream, pieces, result = await self._serve(model_input, request)
+        if stream:
+            return pieces
+        await _drain(pieces, result)
+        return result.as_response()
+
+    async def chat_completions(self, model_input: Any, request: Request) -> dict | AsyncIterator[str]:
+        """OpenAI `/v1/chat/completions` (see openai_api.py)."""
+        return await self._openai(model_input, request, openai_api.ChatCompletionRequest)
+
+    async def completions(self, model_input: Any, request: Request) -> dict | AsyncIterator[str]:
+        """OpenAI `/v1/completions` (see openai_api.py)."""
+        return await self._openai(model_input, request, openai_api.CompletionRequest)
+
+    async def _openai(self, model_input: Any, request: Request, kind: type) -> dict | AsyncIterator[str]:
+        with _as_http_errors():
+            openai_request, body = openai_api.parse(model_input, kind)
+        stream, pieces, result = await self._serve({**body, "stream": openai_request.stream}, request)
+        response = openai_api.Response(openai_request, chat=kind is openai_api.ChatCompletionRequest)
+        if stream:
+            return response.events(pieces, result)
+        await _drain(pieces, result)
+        return response.full(result)
+
+    async def _serve(self, model_input: Any, request: Request) -> tuple[bool, AsyncIterator[str], GenerationResult]:
+        """Start generating; errors before the first piece become 4xx/5xx responses, so a stream starts with text."""
         started = time.perf_counter()
-        try:
+        with _as_http_errors():
             stream, pieces, result = await self._start(model_input)
             first = await anext(pieces, None)
-        except ServingError as exc:
-            metrics.REQUESTS.labels(outcome=type(exc).__name__).inc()
-            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
         metrics.TIME_TO_FIRST_PIECE.observe(time.perf_counter() - started)
         metrics.PROMPT_TOKENS.inc(result.prompt_tokens)
-        served = _serve_pieces(first, pieces, request, result)
-        if stream:
-            return served
-        try:
-            async for _ in served:
-                pass
-        except ServingError as exc:
-            raise HTTPException(status_code=exc.status, detail=str(exc)) from None
-        if result.finish_reason is None:
-            raise HTTPException(status_code=499, detail="client disconnected; generation cancelled")
-        return result.as_response()
+        return stream, _serve_pieces(first, pieces, request, result), result
 
     async def _start(self, model_input: Any) -> tuple[bool, AsyncIterator[str], GenerationResult]:
         assert self.backend is not None and self.tokenizer is not None, "predict() before load()"
@@ -111,6 +125,25 @@ class Model:
         except Exception:  # truss raises its own SecretNotFound, not KeyError
             return None
         return token.strip() if token else None
+
+
+@contextlib.contextmanager
+def _as_http_errors() -> Iterator[None]:
+    """The one place a `ServingError` becomes an HTTP response (truss passes HTTPException through)."""
+    try:
+        yield
+    except ServingError as exc:
+        metrics.REQUESTS.labels(outcome=type(exc).__name__).inc()
+        raise HTTPException(status_code=exc.status, detail=str(exc)) from None
+
+
+async def _drain(pieces: AsyncIterator[str], result: GenerationResult) -> None:
+    """Run a non-streaming generation to its end; `result` then holds the text."""
+    with _as_http_errors():
+        async for _ in pieces:
+            pass
+    if result.finish_reason is None:
+        raise HTTPException(status_code=499, detail="client disconnected; generation cancelled")
 
 
 async def _serve_pieces(

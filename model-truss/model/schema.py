@@ -93,7 +93,7 @@ def parse_request(body: Any) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate(body)
     except ValidationError as exc:
-        raise InvalidRequest("; ".join(_describe(e) for e in exc.errors())) from None
+        raise InvalidRequest(describe(exc, GenerateRequest)) from None
 
 
 def check_limits(prompt_len: int, params: SamplingParams, limits: Limits) -> None:
@@ -114,10 +114,15 @@ def check_limits(prompt_len: int, params: SamplingParams, limits: Limits) -> Non
         )
 
 
-def _describe(error: Any) -> str:
+def describe(exc: ValidationError, schema: type[BaseModel]) -> str:
+    """pydantic's errors as one line a client can act on: the field, and what to send instead."""
+    return "; ".join(_describe(error, schema) for error in exc.errors())
+
+
+def _describe(error: Any, schema: type[BaseModel]) -> str:
     field = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
-        known = ", ".join(GenerateRequest.model_fields)
+        known = ", ".join(schema.model_fields)
         return f"unknown field '{field}' (accepted fields: {known})"
     message = error["msg"].removeprefix("Value error, ")
     return f"{field}: {message}" if field else message
