@@ -4,7 +4,8 @@
 
 A request's path: `parse_request` (schema.py) -> `encode_prompt` (prompting.py) ->
 `check_limits` -> `backend.generate` (token ids, backends/) -> `generate_text` (text pieces,
-streaming.py) -> a stream of pieces, or `{"output", "finish_reason", "usage"}`.
+streaming.py) -> a stream of pieces, or `{"output", "finish_reason", "usage"}`. The OpenAI routes
+(`chat_completions`, `completions`) translate their bodies in openai_api.py and take the same path.
 """
 
 import asyncio
