@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from fastapi import HTTPException
 
-from model.backends.base import Limits, SamplingParams, TokenChunk
+from model.backends.base import BatchingBackend, Limits, SamplingParams, TokenChunk
 from model.errors import BackendError, EngineOverloaded
 from model.model import Model
 
@@ -16,11 +16,16 @@ from model.model import Model
 class RecordingBackend:
     """Answers every request with the ids of a fixed text; remembers the params it was given."""
 
+    name = "recording"
+    supports = frozenset()
+
     def __init__(self, tokenizer, limits: Limits, fail_with: Exception | None = None) -> None:
         self.limits = limits
         self.answer = tokenizer("The mistral is a wind.", add_special_tokens=False).input_ids
         self.fail_with = fail_with
         self.seen: list[SamplingParams] = []
+
+    check_supported = BatchingBackend.check_supported
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
         self.seen.append(params)

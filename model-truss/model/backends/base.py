@@ -4,6 +4,12 @@ A backend knows token ids, never text: it takes prompt ids and `SamplingParams` 
 `TokenChunk`s of newly generated ids (the end token excluded) until a chunk carries a
 `finish_reason`. Detokenization, stop strings and response shapes live in `model/streaming.py`.
 
+Every field of `SamplingParams` is honoured or refused: the request layer calls
+`check_supported(params)` before `generate`, and a backend that cannot do something (logprobs,
+guided decoding, a penalty) raises `InvalidRequest` there, naming the field. Values that reach a
+backend have passed the request schema, and any such value must be safe: one request's values never
+fail or change another request's tokens.
+
 Both engines here batch in flight, so both share one shape (`BatchingBackend`): requests are
 handed to a single engine thread that owns the model; the thread admits new requests between
 steps, advances every active request together, and hands each request's new tokens to that
@@ -23,11 +29,28 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from model.errors import BackendError, EngineOverloaded
+from model.errors import BackendError, EngineOverloaded, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
+
+
+GuideKind = Literal["json_object", "json_schema", "regex", "grammar"]
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs; backends must support 0..MAX_TOP_LOGPROBS
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """What the generated text must match (structured output), as TensorRT-LLM's GuidedDecodingParams names it.
+
+    `json_object`: any JSON object (`spec` is None); `json_schema`: `spec` is the JSON schema as JSON text;
+    `regex`: `spec` is a regular expression; `grammar`: `spec` is an EBNF grammar. The generation ends
+    ("stop") once the text is complete under the guide.
+    """
+
+    kind: GuideKind
+    spec: str | None = None
 
 
 @dataclass(frozen=True)
@@ -38,13 +61,29 @@ class SamplingParams:
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 means no top-k filter
     top_p: float = 1.0  # 1 means no nucleus filter
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # HF/CTRL style: divides positive logits of seen tokens (prompt + output)
+    presence_penalty: float = 0.0  # OpenAI style: subtracted once from logits of tokens already generated
+    frequency_penalty: float = 0.0  # OpenAI style: subtracted per occurrence in the generated tokens
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: generate exactly max_new_tokens, as trtllm-bench does
+    min_new_tokens: int = 0  # end tokens cannot be sampled before this many new tokens (vLLM's min_tokens)
+    # None: no logprobs. k >= 0: each chunk carries the sampled token's logprob and the k most likely
+    # alternatives, from the model's log-softmax before temperature, penalties and masks (vLLM's raw logprobs).
+    logprobs: int | None = None
+    guided: GuidedDecoding | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability, and the `logprobs` most likely tokens at that step."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -61,6 +100,7 @@ class Limits:
 class TokenChunk:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when the request asked for logprobs
 
 
 class TokenStream:
@@ -75,10 +115,15 @@ class TokenStream:
         self._queue: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
         self.finished = False
 
-    def put(self, token_ids: list[int] | tuple[int, ...], finish_reason: FinishReason | None = None) -> None:
+    def put(
+        self,
+        token_ids: list[int] | tuple[int, ...],
+        finish_reason: FinishReason | None = None,
+        logprobs: tuple[TokenLogprob, ...] | None = None,
+    ) -> None:
         """Engine thread: deliver new tokens; a finish_reason closes the stream."""
         self.finished = finish_reason is not None
-        self._send(TokenChunk(tuple(token_ids), finish_reason))
+        self._send(TokenChunk(tuple(token_ids), finish_reason, logprobs))
 
     def fail(self, exc: BaseException) -> None:
         """Engine thread: end this request alone with an error."""
@@ -113,10 +158,33 @@ class Submission:
     stream: TokenStream = field(repr=False)
 
 
+# Optional features of SamplingParams, and the request fields that ask for them (for error messages).
+FEATURE_FIELDS = {
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "min_tokens": "min_tokens",
+    "logprobs": "logprobs / top_logprobs",
+    "guided_decoding": "structured output (response_format, tool_choice)",
+}
+
+
+def used_features(params: SamplingParams) -> list[str]:
+    """The optional features (FEATURE_FIELDS keys) a request uses."""
+    used = {
+        "presence_penalty": params.presence_penalty != 0.0,
+        "frequency_penalty": params.frequency_penalty != 0.0,
+        "min_tokens": params.min_new_tokens > 0,
+        "logprobs": params.logprobs is not None,
+        "guided_decoding": params.guided is not None,
+    }
+    return [name for name, on in used.items() if on]
+
+
 class BatchingBackend(ABC):
     """Owns the engine thread; subclasses implement `_step` (admit, advance, dispatch)."""
 
     name: str
+    supports: frozenset[str] = frozenset()  # the optional features (FEATURE_FIELDS keys) this engine honours
 
     def __init__(self, limits: Limits, stop_token_ids: frozenset[int]) -> None:
         self.limits = limits
@@ -155,6 +223,12 @@ class BatchingBackend(ABC):
             if not submission.stream.finished:
                 self._cancelled.put(submission.request_id)
                 self._wake.set()
+
+    def check_supported(self, params: SamplingParams) -> None:
+        """Raise `InvalidRequest` naming the fields if this backend cannot honour `params`."""
+        missing = [FEATURE_FIELDS[name] for name in used_features(params) if name not in self.supports]
+        if missing:
+            raise InvalidRequest(f"the {self.name} backend does not support {', '.join(missing)}; remove it")
 
     @property
     def in_flight(self) -> int:
