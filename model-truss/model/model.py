@@ -109,7 +109,7 @@ class Model:
         room = max(1, limits.max_seq_len - len(prompt_ids))
         params = request.sampling_params(min(self.settings.default_max_new_tokens, limits.max_new_tokens, room))
         check_limits(len(prompt_ids), params, limits)
-        self.backend.check_supported(params)
+        await self.backend.prepare(params)
         result = GenerationResult(prompt_tokens=len(prompt_ids))
         chunks = self.backend.generate(prompt_ids, params)
         return request.stream, generate_text(chunks, self.tokenizer, request.stop_strings, result), result

@@ -26,6 +26,7 @@ class RecordingBackend:
         self.seen: list[SamplingParams] = []
 
     check_supported = BatchingBackend.check_supported
+    prepare = BatchingBackend.prepare
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
         self.seen.append(params)

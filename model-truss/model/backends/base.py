@@ -4,9 +4,11 @@ A backend knows token ids, never text: it takes prompt ids and `SamplingParams` 
 `TokenChunk`s of newly generated ids (the end token excluded) until a chunk carries a
 `finish_reason`. Detokenization, stop strings and response shapes live in `model/streaming.py`.
 
-Every field of `SamplingParams` is honoured or refused: the request layer calls
-`check_supported(params)` before `generate`, and a backend that cannot do something (logprobs,
-guided decoding, a penalty) raises `InvalidRequest` there, naming the field. Values that reach a
+Every field of `SamplingParams` is honoured or refused: the request layer awaits
+`prepare(params)` before `generate`, and a backend that cannot do something (logprobs,
+guided decoding, a penalty) raises `InvalidRequest` there, naming the field; `prepare` is also where
+slow per-request work that can fail (compiling a JSON schema into a grammar) runs, off the event loop
+and before any response is sent. Values that reach a
 backend have passed the request schema, and any such value must be safe: one request's values never
 fail or change another request's tokens.
 
@@ -27,7 +29,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from model.errors import BackendError, EngineOverloaded, InvalidRequest
 
@@ -51,6 +53,23 @@ class GuidedDecoding:
 
     kind: GuideKind
     spec: str | None = None
+
+
+class TokenGuide(Protocol):
+    """One request's structured-output state, for engines that mask logits themselves (model/guided.py).
+
+    The bitmask is int32 [batch, ceil(vocab / 32)], bit j of word w set = token 32 * w + j may come next
+    (the layout xgrammar and llguidance share).
+    """
+
+    def fill_next_token_bitmask(self, bitmask: Any, index: int) -> None:
+        """Write the tokens allowed next into row `index` of `bitmask`."""
+
+    def accept_token(self, token_id: int) -> bool:
+        """Advance past the sampled token; False if the guide does not allow it."""
+
+    def is_terminated(self) -> bool:
+        """True once the output is complete under the guide (the request then ends with "stop")."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +242,10 @@ class BatchingBackend(ABC):
             if not submission.stream.finished:
                 self._cancelled.put(submission.request_id)
                 self._wake.set()
+
+    async def prepare(self, params: SamplingParams) -> None:
+        """Refuse what this backend cannot do; subclasses add per-request set-up (e.g. grammar compilation)."""
+        self.check_supported(params)
 
     def check_supported(self, params: SamplingParams) -> None:
         """Raise `InvalidRequest` naming the fields if this backend cannot honour `params`."""
