@@ -116,6 +116,17 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class EngineStats:
+    """What an engine reports to metrics and autoscalers (read from the event loop, written by the engine thread)."""
+
+    running: int  # requests generating in the engine now
+    waiting: int  # requests accepted and not yet running
+    kv_cache_usage: float | None = None  # fraction of the KV cache in use, 0..1; None if the engine cannot tell
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # of those, tokens whose KV was reused
+
+
+@dataclass(frozen=True)
 class TokenChunk:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
@@ -256,6 +267,10 @@ class BatchingBackend(ABC):
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    def stats(self) -> EngineStats:
+        """Engines that know running from waiting, or their KV-cache use, override this."""
+        return EngineStats(running=self._in_flight, waiting=0)
 
     @property
     def max_queued(self) -> int:
