@@ -4,11 +4,13 @@
     python main.py --image us-docker.pkg.dev/PROJECT/llm/llm-trtllm-server --tag v1
     python main.py build-context --out /tmp/ctx --platform linux/arm64
 
-truss writes the context itself (`TrussHandle.docker_build_setup`, as in seed 000): its Dockerfile
-starts FROM config.yaml's `base_image` (the TensorRT-LLM release image), installs truss's server and
-the requirements, and copies server/, model/ and config.yaml. The command prints the `docker build`,
-`docker tag` and `docker push` lines for the image, then the `deploy` line. Secrets stay out: the
-config may only name them, and their values come at run time (Kubernetes Secret or Baseten).
+truss writes the context itself (`TrussHandle.docker_build_setup`): its Dockerfile starts FROM
+config.yaml's `base_image` (the TensorRT-LLM release image), installs truss's server and the
+requirements, and copies server/, model/ and config.yaml. Its `server/main.py` is then replaced by
+one that starts truss's server through model/server_app.py (what that changes is said there). The
+command prints the `docker build`, `docker tag` and `docker push` lines for the image, then the
+`deploy` line. Secrets stay out: the config may only name them, and their values come at run time
+(Kubernetes Secret or Baseten).
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ REPOSITORY = re.compile(
 )
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY", re.IGNORECASE)
 TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+# The image's entry point (/app/main.py): truss's server, started by this project's launcher.
+SERVER_MAIN = '''"""truss's model server, started through model/server_app.py (written by `main.py build-context`)."""
+
+from model.server_app import main
+
+if __name__ == "__main__":
+    main()
+'''
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -131,6 +141,7 @@ def write_context(truss_dir: Path, out: Path) -> Path:
         truss.load(str(truss_dir)).docker_build_setup(build_dir=out)
     except ValueError as exc:  # truss's config validation (pydantic errors are ValueErrors)
         raise CliError(f"truss cannot build {truss_dir}: {exc}") from exc
+    (out / "server" / "main.py").write_text(SERVER_MAIN)
     return out.resolve().relative_to(Path.cwd()) if out.resolve().is_relative_to(Path.cwd()) else out
 
 

@@ -1,11 +1,13 @@
 """`main.py serve`: run truss's own model server on model-truss/, without Docker.
 
-The server code is the one truss writes into the Docker build context (server/ + model/ +
-the normalized config.yaml), laid out as the image lays it out under /app, so what runs here
-is what runs in the container.
+The server code is the one the Docker build context holds (truss's server/ with its main.py
+starting model/server_app.py, model/, the normalized config.yaml), laid out as the image lays it
+out under /app, so what runs here is what runs in the container. It listens on 127.0.0.1 unless
+`--host` says otherwise (the container listens on 0.0.0.0).
 
     python main.py serve                      # embedded SmolLM2 on CPU, 127.0.0.1:8080
     LLM_MODEL_REPO=/path/to/hf-model python main.py serve --port 9000
+    python main.py serve --host 0.0.0.0       # reachable from other machines (the server has no auth by default)
 """
 
 from __future__ import annotations
@@ -17,19 +19,21 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from model.settings import DEFAULT_PORT, PORT_VARIABLE
 from scripts import REPO_ROOT, TRUSS_DIR
 from scripts.build_context import write_context
 
-DEFAULT_PORT = 8080
+DEFAULT_HOST = "127.0.0.1"
 RUN_DIR = REPO_ROOT / ".cache" / "serve"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="run truss's model server locally (no Docker)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")
     parser.add_argument("--truss", type=Path, default=TRUSS_DIR, help="Truss directory (default model-truss/)")
     parser.add_argument("--run-dir", type=Path, default=RUN_DIR, help="where the server app is laid out")
-    parser.set_defaults(func=lambda args: serve(args.truss, args.port, args.run_dir))
+    parser.set_defaults(func=lambda args: serve(args.truss, args.host, args.port, args.run_dir))
 
 
 def prepare_app_dir(truss_dir: Path, run_dir: Path) -> Path:
@@ -45,15 +49,15 @@ def prepare_app_dir(truss_dir: Path, run_dir: Path) -> Path:
 def server_env(port: int) -> dict[str, str]:
     """The container's environment, plus a persistent cache for the converted embedded model."""
     env = dict(os.environ)
-    env["INFERENCE_SERVER_PORT"] = str(port)
+    env[PORT_VARIABLE] = str(port)
     env.setdefault("LLM_CACHE_DIR", str(REPO_ROOT / ".cache" / "models"))
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
-def serve(truss_dir: Path, port: int, run_dir: Path) -> NoReturn:
+def serve(truss_dir: Path, host: str, port: int, run_dir: Path) -> NoReturn:
     """Replace this process with the server, so SIGTERM/Ctrl-C reach uvicorn's graceful shutdown."""
     app = prepare_app_dir(truss_dir, run_dir)
-    print(f"serving {truss_dir} on http://127.0.0.1:{port}/v1/models/model:predict (Ctrl-C stops)", flush=True)
+    print(f"serving {truss_dir} on http://{host}:{port}/v1/models/model:predict (Ctrl-C stops)", flush=True)
     os.chdir(app)
-    os.execve(sys.executable, [sys.executable, "main.py"], server_env(port))
+    os.execve(sys.executable, [sys.executable, "main.py", "--host", host], server_env(port))

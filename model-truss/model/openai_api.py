@@ -2,9 +2,9 @@
 
 truss routes those paths to `Model.chat_completions` / `Model.completions`. An OpenAI body becomes a
 `/predict` body (so validation, limits and generation are the same code); results are wrapped in
-OpenAI's response objects, and streams in its server-sent events (`data: {chunk}` ... `data: [DONE]`).
-Options this server cannot honour (n > 1, logprobs, penalties other than 0, tools) are refused with a
-400 rather than silently ignored.
+OpenAI's response objects, streams in its server-sent events (`text/event-stream`: `data: {chunk}` ...
+`data: [DONE]`), and errors in its error object. Options this server cannot honour (n > 1, logprobs,
+penalties other than 0, tools) are refused with a 400 rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from model.errors import InvalidRequest
-from model.schema import describe
+from model.errors import InvalidRequest, ServingError
+from model.generation import TextGenerator
+from model.http_io import SSE_MEDIA_TYPE, error_response, read_json
+from model.schema import describe, parse_request
 from model.streaming import GenerationResult
 
 
@@ -66,6 +70,27 @@ class CompletionRequest(_OpenAIRequest):
     prompt: str
 
 
+async def chat_completions(generator: TextGenerator, request: Request) -> Response:
+    return await _serve(generator, request, ChatCompletionRequest)
+
+
+async def completions(generator: TextGenerator, request: Request) -> Response:
+    return await _serve(generator, request, CompletionRequest)
+
+
+async def _serve(generator: TextGenerator, request: Request, kind: type[_OpenAIRequest]) -> Response:
+    try:
+        openai_request, body = parse(await read_json(request), kind)
+        generation = await generator.start(parse_request({**body, "stream": openai_request.stream}))
+        response = OpenAIResponse(openai_request, chat=kind is ChatCompletionRequest)
+        if openai_request.stream:
+            events = response.events(generation.stream(request), generation.result)
+            return StreamingResponse(events, media_type=SSE_MEDIA_TYPE)
+        return JSONResponse(response.full(await generation.complete(request)))
+    except ServingError as exc:
+        return error_response(exc, openai=True)
+
+
 def parse(body: Any, kind: type[_OpenAIRequest]) -> tuple[_OpenAIRequest, dict[str, Any]]:
     """Validate an OpenAI body; returns it and the equivalent `/predict` body."""
     if not isinstance(body, dict):
@@ -91,7 +116,7 @@ def _chat_message(message: dict[str, Any]) -> dict[str, str]:
     return {"role": message.get("role"), "content": content}  # roles and types are checked by /predict's schema
 
 
-class Response:
+class OpenAIResponse:
     """Builds one request's OpenAI objects: the full response, or its stream of chunks."""
 
     def __init__(self, request: _OpenAIRequest, chat: bool) -> None:

@@ -20,6 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "LLM_"
+PORT_VARIABLE = "INFERENCE_SERVER_PORT"  # truss's: the port its server listens on
+DEFAULT_PORT = 8080
 # Keys truss itself reads from model_metadata; anything else unknown is a typo and is refused.
 TRUSS_METADATA_KEYS = frozenset({"example_model_input", "tags", "pretty_name", "avatar_url", "cover_image_url"})
 
@@ -149,3 +151,12 @@ def _parse_env(raw: str, annotation: Any) -> Any:
     if "list" in str(annotation):
         return [part.strip() for part in raw.split(",") if part.strip()]
     return raw
+
+
+def server_port(environ: Mapping[str, str] | None = None) -> int:
+    """The HTTP port, from truss's own variable (Baseten and the container set it)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(PORT_VARIABLE) or str(DEFAULT_PORT)
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise SettingsError(f"{PORT_VARIABLE}={raw!r} is not a TCP port; set it to a number from 1 to 65535")
+    return int(raw)

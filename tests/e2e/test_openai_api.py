@@ -61,4 +61,4 @@ def test_completion_with_stop(server: Server, client: openai.OpenAI) -> None:
 def test_unsupported_options_are_refused(server: Server, body: dict, message: str) -> None:
     response = requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 400, response.text
-    assert message in response.json()["error"]
+    assert message in response.json()["error"]["message"]

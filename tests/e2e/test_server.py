@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -160,9 +161,22 @@ def test_client_disconnect_cancels_generation(server: Server) -> None:
     """A 2000-token stream dropped after its first piece leaves no request in flight."""
     request = {"prompt": "Tell me a long story.", "max_new_tokens": 2000, "ignore_eos": True, "stream": True}
     with server.predict(request, stream=True) as response:
-        next(response.iter_content(chunk_size=None))
+        chunks = response.iter_content(chunk_size=None)  # kept: a discarded iterator closes the connection
+        next(chunks)
         assert _metric(server, "llm_requests_in_flight") >= 1
     deadline = time.monotonic() + 20  # the full generation would take minutes on CPU
     while _metric(server, "llm_requests_in_flight") > 0:
         assert time.monotonic() < deadline, "the dropped request is still generating"
         time.sleep(0.2)
+
+
+def test_local_serve_listens_on_loopback_only(server: Server) -> None:
+    """`main.py serve` binds 127.0.0.1 by default (truss alone binds 0.0.0.0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # UDP connect sends nothing
+        probe.connect(("10.255.255.255", 1))
+        outward = probe.getsockname()[0]
+    if outward.startswith("127."):
+        pytest.skip("this machine has no non-loopback address to try")
+    port = int(server.url.rsplit(":", 1)[1])
+    with pytest.raises(OSError), socket.create_connection((outward, port), timeout=5):
+        pass

@@ -216,3 +216,10 @@ def test_rejects_names_docker_would_reject(
     code, _, err = cli(capsys, "--out", str(tmp_path / "ctx"), *flags)
     assert code == 2 and message in err
     assert not (tmp_path / "ctx").exists()
+
+
+def test_the_context_starts_truss_server_through_the_launcher(context: Path, dockerfile: str) -> None:
+    assert (context / "server" / "main.py").read_text() == build_context.SERVER_MAIN
+    assert (context / "model" / "server_app.py").is_file()
+    assert (context / "server" / "truss_server.py").is_file()  # what server_app imports
+    assert 'ENTRYPOINT ["/usr/bin/python3", "/app/main.py"]' in dockerfile
