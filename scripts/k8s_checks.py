@@ -212,7 +212,7 @@ def _check_security(obj: Manifest) -> list[str]:
 
 
 def _check_storage(obj: Manifest) -> list[str]:
-    """One source per volume; disk emptyDirs bounded, and requested as ephemeral storage so the scheduler counts them."""
+    """One source per volume; disk emptyDirs bounded, requested as ephemeral storage, so the scheduler counts them."""
     spec = pod_spec(obj) or {}
     problems, disk_gib = [], 0.0
     for volume in spec.get("volumes", []):
