@@ -40,6 +40,8 @@ IMAGE = "us-docker.pkg.dev/my-project/llm/llm-trtllm-server:v1"
 NS = "llm"  # the kubeconfig context's namespace
 DEPLOYMENT = (kmock.resource("apps/v1/deployments"), NS, k8s.SERVER_NAME)
 SELECTOR = {"app.kubernetes.io/name": k8s.SERVER_NAME}
+REVISION = "deployment.kubernetes.io/revision"  # the Deployment controller's annotation and label names
+TEMPLATE_HASH = "pod-template-hash"
 # What the emulated API server serves: (resource, kind, namespaced), as `kubectl api-resources` lists them.
 SERVED = [
     ("v1/namespaces", "Namespace", False),
@@ -209,7 +211,7 @@ class Controller:
         self.observed = deployment["metadata"]["generation"]
         template_hash = f"{self.revision}a2b3c{self.revision}"
         name = f"{k8s.SERVER_NAME}-{template_hash}"
-        revision = {rollout.REVISION: str(self.revision)}
+        revision = {REVISION: str(self.revision)}
         deployment.patch(
             {
                 "metadata": {"annotations": revision},
@@ -229,7 +231,7 @@ class Controller:
                 "name": name,
                 "namespace": NS,
                 "uid": f"rs-uid-{self.revision}",
-                "labels": {**SELECTOR, rollout.TEMPLATE_HASH: template_hash},
+                "labels": {**SELECTOR, TEMPLATE_HASH: template_hash},
                 "annotations": revision,
                 "ownerReferences": [owner],
             },
@@ -331,8 +333,9 @@ async def test_fields_the_next_overlay_drops_are_removed_from_the_live_objects(
         assert code == 0, err
     template = live_server(cluster.api)["spec"]["template"]["spec"]
     (server,) = template["containers"]
+    (wanted,) = [o for o in rendered() if o["kind"] == "Deployment"]
     assert [e["name"] for e in server["env"]] == [
-        e["name"] for e in k8s.server_deployment(rendered())["spec"]["template"]["spec"]["containers"][0]["env"]
+        e["name"] for e in wanted["spec"]["template"]["spec"]["containers"][0]["env"]
     ]
     assert not any(e["name"].startswith("OMPI_") for e in server["env"])
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -669,9 +672,9 @@ async def test_a_stalled_rollout_names_the_pod_its_condition_and_the_cause(
 ) -> None:
     code, out, err, pod = await deploy_while(cluster, capsys, stall_with(cluster, status), timeout=1)
     assert code == 2
-    assert f"deployment/llm-server in namespace {NS} (0/1 new pods ready): pod {pod}:" in err
     for text in named:
         assert text in err
+    assert f"deployment/llm-server in namespace {NS} (0/1 new pods ready): pod {pod}:" in err
     if "Insufficient nvidia.com/gpu" not in status.get("conditions", [{}])[0].get("message", ""):
         assert "no free GPU" not in err
     assert "port-forward" not in out
