@@ -204,6 +204,15 @@ class Controller:
             )
         )
 
+    async def polled(self, times: int) -> None:
+        """Until deploy has looked at the rollout `times` more times."""
+        start = polls(self.api)
+        await until(lambda: polls(self.api) >= start + times)
+
+    def supersede(self) -> None:
+        """A newer Deployment spec than the one the current ReplicaSet runs (as after another apply)."""
+        self.api.objects[DEPLOYMENT].patch({"metadata": {"generation": self.observed + 1}})
+
     def new_replica_set(self) -> str:
         """The ReplicaSet of the Deployment's current spec: a new revision the controller has observed."""
         self.revision += 1
@@ -282,13 +291,13 @@ class Controller:
 
 async def roll_out_one_pod(cluster: Cluster, after_polls: int = 2) -> None:
     """The controller's part of a plain rollout: a ReplicaSet and its pod, ready after a few polls."""
-    await cluster.controller.new_spec()
-    pod = cluster.controller.pod(cluster.controller.new_replica_set(), "x7k2p", LOADING)
-    cluster.controller.status(replicas=1, updated=1, available=0)
-    start = polls(cluster.api)
-    await until(lambda: polls(cluster.api) >= start + after_polls)
-    cluster.controller.set_pod(pod, READY)
-    cluster.controller.rolled_out()
+    controller = cluster.controller
+    await controller.new_spec()
+    pod = controller.pod(controller.new_replica_set(), "x7k2p", LOADING)
+    controller.status(replicas=1, updated=1, available=0)
+    await controller.polled(after_polls)
+    controller.set_pod(pod, READY)
+    controller.rolled_out()
 
 
 # -- applying ----------------------------------------------------------------------------------
@@ -563,7 +572,7 @@ async def test_pods_of_older_replicasets_and_terminating_pods_do_not_count(
     controller = cluster.controller
 
     async def play() -> None:
-        await cluster.controller.new_spec()
+        await controller.new_spec()
         old = controller.new_replica_set()
         controller.pod(
             old,
@@ -572,13 +581,12 @@ async def test_pods_of_older_replicasets_and_terminating_pods_do_not_count(
                 "CrashLoopBackOff", lastState={"terminated": {"reason": "OOMKilled", "exitCode": 137}}, restartCount=9
             ),
         )
-        cluster.api.objects[DEPLOYMENT].patch({"metadata": {"generation": 2}})  # deploy's new spec
+        controller.supersede()
         new = controller.new_replica_set()
         controller.pod(new, "gone1", waiting("ImagePullBackOff", "Back-off pulling image"), terminating=True)
         pod = controller.pod(new, "x7k2p", LOADING)
         controller.status(replicas=2, updated=1, available=0)
-        start = polls(cluster.api)
-        await until(lambda: polls(cluster.api) >= start + 3)
+        await controller.polled(3)
         controller.set_pod(pod, READY)
         cluster.api.objects["v1/pods", NS, f"{old}-old11"].delete()
         controller.rolled_out()
@@ -597,17 +605,15 @@ async def test_progress_counts_new_ready_pods_only_and_ends_on_the_final_state(
     controller = cluster.controller
 
     async def play() -> None:
-        await cluster.controller.new_spec()
+        await controller.new_spec()
         old = controller.pod(controller.new_replica_set(), "old11", READY)
-        cluster.api.objects[DEPLOYMENT].patch({"metadata": {"generation": 2}})
+        controller.supersede()
         pod = controller.pod(controller.new_replica_set(), "x7k2p", LOADING)
         controller.status(replicas=2, updated=1, available=1)  # available: the old pod
-        start = polls(cluster.api)
-        await until(lambda: polls(cluster.api) >= start + 3)
+        await controller.polled(3)
         controller.set_pod(pod, READY)
         controller.status(replicas=2, updated=1, available=2)  # the old pod is still terminating
-        start = polls(cluster.api)
-        await until(lambda: polls(cluster.api) >= start + 3)
+        await controller.polled(3)
         cluster.api.objects["v1/pods", NS, old].delete()
         controller.rolled_out()
 
@@ -657,11 +663,12 @@ PULL_ERROR = f'Failed to pull image "{IMAGE}": rpc error: code = NotFound desc =
 
 
 async def stall_with(cluster: Cluster, status: dict) -> str:
-    await cluster.controller.new_spec()
-    pod = cluster.controller.pod(cluster.controller.new_replica_set(), "x7k2p", status)
-    cluster.controller.event(pod, "Unhealthy", "Startup probe failed: HTTP probe failed with statuscode: 503")
-    cluster.controller.event(pod, "Failed", PULL_ERROR)
-    cluster.controller.status(replicas=1, updated=1, available=0)
+    controller = cluster.controller
+    await controller.new_spec()
+    pod = controller.pod(controller.new_replica_set(), "x7k2p", status)
+    controller.event(pod, "Unhealthy", "Startup probe failed: HTTP probe failed with statuscode: 503")
+    controller.event(pod, "Failed", PULL_ERROR)
+    controller.status(replicas=1, updated=1, available=0)
     return pod
 
 
@@ -700,11 +707,10 @@ BAD_PULL = f'Failed to pull image "{BAD_IMAGE}": rpc error: code = NotFound desc
 async def bad_image_rollout(cluster: Cluster) -> str:
     """The kubelet's view of a tag that was never pushed: ErrImagePull, then back-off."""
     controller = cluster.controller
-    await cluster.controller.new_spec()
+    await controller.new_spec()
     pod = controller.pod(controller.new_replica_set(), "bad01", waiting("ErrImagePull", BAD_PULL))
     controller.status(replicas=1, updated=1, available=0)
-    start = polls(cluster.api)
-    await until(lambda: polls(cluster.api) >= start + 2)
+    await controller.polled(2)
     controller.event(pod, "Failed", BAD_PULL)
     controller.set_pod(pod, waiting("ImagePullBackOff", f'Back-off pulling image "{BAD_IMAGE}"'))
     return pod
@@ -717,8 +723,7 @@ async def fixed_image_rollout(cluster: Cluster, bad: str) -> str:
     pod = controller.pod(controller.new_replica_set(), "good1", LOADING)
     cluster.api.objects["v1/pods", NS, bad].patch({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}})
     controller.status(replicas=2, updated=1, available=0)
-    start = polls(cluster.api)
-    await until(lambda: polls(cluster.api) >= start + 2)
+    await controller.polled(2)
     controller.set_pod(pod, READY)
     cluster.api.objects["v1/pods", NS, bad].delete()
     controller.rolled_out()
