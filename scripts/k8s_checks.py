@@ -16,6 +16,7 @@ from typing import Any
 
 from kubernetes.utils import parse_quantity
 
+from model.settings import PORT_VARIABLE
 from scripts import REPO_ROOT
 from scripts.k8s_manifests import (
     API_KEY_SECRET_KEY,
@@ -263,9 +264,9 @@ def _check_server(obj: Manifest, objects: list[Manifest]) -> list[str]:
     if not server:
         return [f"{where}: no container named {SERVER_CONTAINER}"]
     c, problems = server[0], []
-    port_env = _env(c).get("INFERENCE_SERVER_PORT")
+    port_env = _env(c).get(PORT_VARIABLE)
     if port_env != str(SERVER_PORT) or SERVER_PORT not in _ports(c).values():
-        problems.append(f"{where}: INFERENCE_SERVER_PORT ({port_env}) and a container port must both be {SERVER_PORT}")
+        problems.append(f"{where}: {PORT_VARIABLE} ({port_env}) and a container port must both be {SERVER_PORT}")
     routes = server_routes()
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         get = c.get(kind, {}).get("httpGet", {})

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from model.settings import DEFAULT_PORT
 from scripts import REPO_ROOT
 from scripts.cli import CliError
 
@@ -39,7 +40,7 @@ PLACEHOLDER = "change-me"  # marks the values an overlay leaves for the user to 
 ENV_CONFIGMAP = "llm-server-env"
 HF_SECRET_NAME = "hf-token"
 HF_SECRET_KEY = "hf_access_token"  # the Truss secret name (config.yaml `secrets`, model_metadata.hf_token_secret)
-SERVER_PORT = 8080
+SERVER_PORT = DEFAULT_PORT  # truss's INFERENCE_SERVER_PORT in the container
 READINESS_PATH = "/v1/models/model"  # 503 until loaded and whenever the engine is dead or wedged
 API_KEY_SECRET_NAME = "llm-api-key"
 API_KEY_SECRET_KEY = "llm_api_key"  # the Truss secret the server's authentication reads
