@@ -18,6 +18,7 @@ start quickly.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,13 +32,9 @@ if TYPE_CHECKING:
 RESULTS = REPO_ROOT / "results"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="benchmarks: load generator, direct mode, CPU/GPU suites, accuracy",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     commands = parser.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True)
 
     run = commands.add_parser("run", help="load-test a running server over HTTP (streaming)")
@@ -57,6 +54,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     compare = commands.add_parser("compare", help="two result files side by side as B/A ratios")
     compare.add_argument("a", type=Path, help="baseline results JSON (A)")
     compare.add_argument("b", type=Path, help="results JSON to compare (B)")
+    compare.add_argument(
+        "--in-order",
+        action="store_true",
+        help="pair the i-th run of A with the i-th of B even when their labels (load levels) differ",
+    )
     compare.set_defaults(func=_compare)
 
     dataset = commands.add_parser("dataset", help="write a synthetic dataset in prepare_dataset.py format")
@@ -213,9 +215,12 @@ def _compare(args: argparse.Namespace) -> int:
     for path in (args.a, args.b):
         if not path.is_file():
             raise CliError(f"{path} does not exist; write it with `python main.py bench run --out ...`")
-    rows = compare(load_results(args.a)[1], load_results(args.b)[1])
+    rows = compare(load_results(args.a)[1], load_results(args.b)[1], in_order=args.in_order)
     if not rows:
         raise CliError(f"{args.a} and {args.b} have no runs to pair")
+    mismatched = sorted({row.label for row in rows if row.a_label != row.b_label})
+    if mismatched:
+        print(f"warning: --in-order paired runs of different load levels: {', '.join(mismatched)}", file=sys.stderr)
     print_comparison(rows, str(args.a), str(args.b))
     print_json_line({"a": str(args.a), "b": str(args.b), "rows": [row.to_dict() for row in rows]})
     return 0
@@ -253,7 +258,7 @@ def _gpu(args: argparse.Namespace) -> int:
     from scripts.benchmarks.gpu import GpuPlan, run_gpu_suite
 
     if not torch.cuda.is_available():
-        raise CliError("bench gpu needs a CUDA GPU; run it on the GPU machine (README.md, Benchmarks)")
+        raise CliError("bench gpu needs a CUDA GPU; run it on a machine with one (docs/benchmarks.md)")
     try:
         concurrencies = tuple(int(c) for c in args.concurrency.split(","))
     except ValueError:

@@ -51,7 +51,7 @@ APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply: fields remove
 DEFAULT_TIMEOUT_S = 2400  # a large image pull + the startupProbe's 30 minutes for engine download and load
 POLL_S = 5.0
 REQUEST_TIMEOUT_S = 30
-SEED_PROMPT = "What is a mistral?"
+FIRST_PROMPT = "What is a mistral?"
 
 # (apiVersion, kind) -> (API class, the method suffix: read_namespaced_<suffix>, create_..., patch_...)
 API_KINDS: dict[tuple[str, str], tuple[type, str]] = {
@@ -69,8 +69,7 @@ IMAGE_PULL_FAILED = {"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"
 CONTAINER_CONFIG_FAILED = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("deploy", help="apply a k8s/ overlay with the kubernetes client and wait for it")
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlay", required=True, choices=overlay_names(), help="which k8s/overlays/<name>")
     parser.add_argument("--image", help="the server image, REGISTRY/PATH/NAME:TAG (overrides the overlay's)")
     parser.add_argument(
@@ -127,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     for obj in objects:
         print(f"{kubectl_name(obj)} {apply_object(api, namespace, obj)}")
     ready = wait_for_rollout(api, namespace, server, args.timeout)
-    print(f"deployment/{SERVER_NAME} is ready in namespace {namespace} ({ready} replica(s)). Send the seed's request:")
+    print(f"deployment/{SERVER_NAME} is ready in namespace {namespace} ({ready} replica(s)). Send a first request:")
     for line in next_steps(namespace, service):
         print(f"  {line}")
     return 0
@@ -135,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 
 def next_steps(namespace: str, service: str) -> list[str]:
     url = f"http://127.0.0.1:{SERVER_PORT}/v1/models/model:predict"
-    request = f"import requests; print(requests.post({url!r}, json={{'prompt': {SEED_PROMPT!r}}}).json())"
+    request = f"import requests; print(requests.post({url!r}, json={{'prompt': {FIRST_PROMPT!r}}}).json())"
     return [
         f"kubectl -n {namespace} port-forward svc/{service} {SERVER_PORT}:{SERVER_PORT}",
         f'python -c "{request}"',
