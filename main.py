@@ -66,11 +66,15 @@ def with_default_command(argv: list[str]) -> list[str]:
     return argv
 
 
+def running_in_venv() -> bool:
+    return Path(sys.prefix).resolve() == VENV.resolve()
+
+
 def missing_package_hint(exc: ModuleNotFoundError, argv: list[str]) -> str:
     """One line: which package is missing and how to run the same command where it is installed."""
     package = (exc.name or "").split(".")[0]
     command = shlex.join(["main.py", *argv])
-    if Path(sys.prefix).resolve() == VENV.resolve():
+    if running_in_venv():
         return f"{package!r} is missing from .venv; reinstall it: rm .venv/.installed && make .venv/.installed"
     setup = "" if VENV.is_dir() else " (create it first: make .venv/.installed)"
     return (
@@ -80,7 +84,8 @@ def missing_package_hint(exc: ModuleNotFoundError, argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = with_default_command(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    argv = with_default_command(given)
     names = {command.name for command in COMMANDS}
     try:
         args = build_parser(argv[0] if argv[0] in names else None).parse_args(argv)
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] in FIRST_PARTY:
             raise
-        print(f"error: {missing_package_hint(exc, argv)}", file=sys.stderr)
+        print(f"error: {missing_package_hint(exc, given)}", file=sys.stderr)
         return 2
 
 
