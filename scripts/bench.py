@@ -5,6 +5,7 @@
     python main.py bench run --rate 0.5,1,2 --max-concurrency 32 --dataset my.jsonl --no-ignore-eos
     python main.py bench direct --concurrency 1,8                # same requests, backend in-process
     python main.py bench compare results/direct.json results/bench.json
+    python main.py bench plot docs/benchmarks/gpu-h200.json --dpi 80    # the PNGs of a results file, again
     python main.py bench dataset --out data/synthetic.jsonl --input-tokens normal:512,64 --output-tokens fixed:128
     python main.py bench accuracy                              # greedy identity + ROUGE vs transformers
     python main.py bench gpu --out results/gpu                 # on a CUDA machine: backend vs generate vs bandwidth
@@ -60,6 +61,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="pair the i-th run of A with the i-th of B even when their labels (load levels) differ",
     )
     compare.set_defaults(func=_compare)
+
+    plot = commands.add_parser("plot", help="draw a results JSON's throughput and latency PNGs again")
+    plot.add_argument("results", type=Path, help="a results JSON (bench run, direct, cpu or gpu)")
+    plot.add_argument("--out", type=Path, help="PNG prefix (default: the results file without .json)")
+    plot.add_argument("--dpi", type=int, help="resolution (default: as bench run draws them; 80 keeps docs/ small)")
+    plot.set_defaults(func=_plot)
 
     dataset = commands.add_parser("dataset", help="write a synthetic dataset in prepare_dataset.py format")
     _dataset_args(dataset)
@@ -223,6 +230,17 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"warning: --in-order paired runs of different load levels: {', '.join(mismatched)}", file=sys.stderr)
     print_comparison(rows, str(args.a), str(args.b))
     print_json_line({"a": str(args.a), "b": str(args.b), "rows": [row.to_dict() for row in rows]})
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from scripts.benchmarks.report import load_results, plot_results, print_json_line
+
+    if not args.results.is_file():
+        raise CliError(f"{args.results} does not exist; results files come from `python main.py bench run --out ...`")
+    resolution = {"dpi": args.dpi} if args.dpi else {}
+    paths = plot_results(load_results(args.results)[1], args.out or args.results.with_suffix(""), **resolution)
+    print_json_line({"results": str(args.results), "plots": [str(p) for p in paths]})
     return 0
 
 
