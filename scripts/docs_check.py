@@ -122,28 +122,29 @@ def anchors(path: Path) -> set[str]:
     return {github_anchor(_plain_text(tokens[i + 1]), seen) for i, t in enumerate(tokens) if t.type == "heading_open"}
 
 
-def broken_links(paths: list[Path]) -> list[str]:
-    """Every relative link or image that does not resolve, as `page:line: target (why)`."""
+def broken_links(paths: list[Path], root: Path = REPO_ROOT) -> list[str]:
+    """Every relative link or image that does not resolve inside `root`, as `page:line: target (why)`."""
+    root = root.resolve()
     problems = []
     for path in paths:
         for line, target in _link_targets(path):
-            why = _why_broken(path, target)
+            why = _why_broken(path.resolve(), target, root)
             if why:
-                problems.append(f"{path.relative_to(REPO_ROOT)}:{line}: {target} ({why})")
+                problems.append(f"{path.resolve().relative_to(root)}:{line}: {target} ({why})")
     return problems
 
 
-def _why_broken(page: Path, target: str) -> str | None:
+def _why_broken(page: Path, target: str, root: Path) -> str | None:
     parts = urlsplit(target)
     if parts.scheme or parts.netloc:
         return None  # an address outside the repository; not fetched
     file = (page.parent / unquote(parts.path)).resolve() if parts.path else page
-    if not file.is_relative_to(REPO_ROOT.resolve()):
+    if not file.is_relative_to(root):
         return "points outside the repository"
     if not file.exists():
         return "no such file"
     if parts.fragment and file.suffix == ".md" and parts.fragment not in anchors(file):
-        return f"no heading #{parts.fragment} in {file.relative_to(REPO_ROOT.resolve())}"
+        return f"no heading #{parts.fragment} in {file.relative_to(root)}"
     return None
 
 
