@@ -5,6 +5,7 @@
     python main.py bench run --rate 0.5,1,2 --max-concurrency 32 --dataset my.jsonl --no-ignore-eos
     python main.py bench direct --concurrency 1,8                # same requests, backend in-process
     python main.py bench compare results/direct.json results/bench.json
+    python main.py bench plot docs/benchmarks/gpu-h200.json --dpi 80    # the PNGs of a results file, again
     python main.py bench dataset --out data/synthetic.jsonl --input-tokens normal:512,64 --output-tokens fixed:128
     python main.py bench accuracy                              # greedy identity + ROUGE vs transformers
     python main.py bench gpu --out results/gpu                 # on a CUDA machine: backend vs generate vs bandwidth
@@ -18,6 +19,7 @@ start quickly.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,13 +33,9 @@ if TYPE_CHECKING:
 RESULTS = REPO_ROOT / "results"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="benchmarks: load generator, direct mode, CPU/GPU suites, accuracy",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     commands = parser.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True)
 
     run = commands.add_parser("run", help="load-test a running server over HTTP (streaming)")
@@ -57,7 +55,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     compare = commands.add_parser("compare", help="two result files side by side as B/A ratios")
     compare.add_argument("a", type=Path, help="baseline results JSON (A)")
     compare.add_argument("b", type=Path, help="results JSON to compare (B)")
+    compare.add_argument(
+        "--in-order",
+        action="store_true",
+        help="pair the i-th run of A with the i-th of B even when their labels (load levels) differ",
+    )
     compare.set_defaults(func=_compare)
+
+    plot = commands.add_parser("plot", help="draw a results JSON's throughput and latency PNGs again")
+    plot.add_argument("results", type=Path, help="a results JSON (bench run, direct, cpu or gpu)")
+    plot.add_argument("--out", type=Path, help="PNG prefix (default: the results file without .json)")
+    plot.add_argument("--dpi", type=int, help="resolution (default: as bench run draws them; 80 keeps docs/ small)")
+    plot.set_defaults(func=_plot)
 
     dataset = commands.add_parser("dataset", help="write a synthetic dataset in prepare_dataset.py format")
     _dataset_args(dataset)
@@ -213,11 +222,25 @@ def _compare(args: argparse.Namespace) -> int:
     for path in (args.a, args.b):
         if not path.is_file():
             raise CliError(f"{path} does not exist; write it with `python main.py bench run --out ...`")
-    rows = compare(load_results(args.a)[1], load_results(args.b)[1])
+    rows = compare(load_results(args.a)[1], load_results(args.b)[1], in_order=args.in_order)
     if not rows:
         raise CliError(f"{args.a} and {args.b} have no runs to pair")
+    mismatched = sorted({row.label for row in rows if row.a_label != row.b_label})
+    if mismatched:
+        print(f"warning: --in-order paired runs of different load levels: {', '.join(mismatched)}", file=sys.stderr)
     print_comparison(rows, str(args.a), str(args.b))
     print_json_line({"a": str(args.a), "b": str(args.b), "rows": [row.to_dict() for row in rows]})
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from scripts.benchmarks.report import load_results, plot_results, print_json_line
+
+    if not args.results.is_file():
+        raise CliError(f"{args.results} does not exist; results files come from `python main.py bench run --out ...`")
+    resolution = {"dpi": args.dpi} if args.dpi else {}
+    paths = plot_results(load_results(args.results)[1], args.out or args.results.with_suffix(""), **resolution)
+    print_json_line({"results": str(args.results), "plots": [str(p) for p in paths]})
     return 0
 
 
@@ -253,7 +276,7 @@ def _gpu(args: argparse.Namespace) -> int:
     from scripts.benchmarks.gpu import GpuPlan, run_gpu_suite
 
     if not torch.cuda.is_available():
-        raise CliError("bench gpu needs a CUDA GPU; run it on the GPU machine (README.md, Benchmarks)")
+        raise CliError("bench gpu needs a CUDA GPU; run it on a machine with one (docs/benchmarks.md)")
     try:
         concurrencies = tuple(int(c) for c in args.concurrency.split(","))
     except ValueError:

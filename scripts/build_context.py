@@ -47,10 +47,7 @@ if __name__ == "__main__":
 '''
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "build-context", help="write the Docker build context and print docker build/tag/push (default command)"
-    )
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="context directory (default build/docker-context)"
     )
@@ -146,7 +143,7 @@ def write_context(truss_dir: Path, out: Path) -> Path:
 
 
 def docker_commands(context: Path, ref: ImageRef, platform: str) -> list[list[str]]:
-    """The seed's three commands: build the local image, tag it for the registry, push it."""
+    """The three commands: build the local image, tag it for the registry, push it."""
     return [
         ["docker", "build", "--platform", platform, "-t", ref.local, str(context)],
         ["docker", "tag", ref.local, ref.remote],

@@ -45,7 +45,7 @@ from scripts.rollout import REPLICA_SETS, wait_for_rollout
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 TIMEOUT_MARGIN_S = 60  # past progressDeadlineSeconds, so the controller's own verdict comes first
-SEED_PROMPT = "What is a mistral?"
+FIRST_PROMPT = "What is a mistral?"
 NAMESPACES = Resource("v1", "Namespace", "namespaces", namespaced=False)
 SECRETS = Resource("v1", "Secret", "secrets", namespaced=True)
 PRIORITY_CLASSES = Resource("scheduling.k8s.io/v1", "PriorityClass", "priorityclasses", namespaced=False)
@@ -64,8 +64,7 @@ PRUNABLE = (
 )
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("deploy", help="apply a k8s/ overlay with server-side apply and wait for it")
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlay", required=True, choices=overlay_names(), help="which k8s/overlays/<name>")
     parser.add_argument("--image", help="the server image, REGISTRY/PATH/NAME:TAG (overrides the overlay's)")
     parser.add_argument(
@@ -126,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     for line in prune(api, namespace, objects, server):
         print(line)
     ready = wait_for_rollout(api, namespace, server, rollout_timeout(server, args.timeout))
-    print(f"deployment/{SERVER_NAME} is ready in namespace {namespace} ({ready} replica(s)). Send the seed's request:")
+    print(f"deployment/{SERVER_NAME} is ready in namespace {namespace} ({ready} replica(s)). Send a first request:")
     for line in next_steps(namespace, service):
         print(f"  {line}")
     return 0
@@ -143,7 +142,7 @@ def rollout_timeout(deployment: Manifest, requested: float | None) -> float:
 
 def next_steps(namespace: str, service: str) -> list[str]:
     url = f"http://127.0.0.1:{SERVER_PORT}/v1/models/model:predict"
-    request = f"import requests; print(requests.post({url!r}, json={{'prompt': {SEED_PROMPT!r}}}).json())"
+    request = f"import requests; print(requests.post({url!r}, json={{'prompt': {FIRST_PROMPT!r}}}).json())"
     return [
         f"kubectl -n {namespace} port-forward svc/{service} {SERVER_PORT}:{SERVER_PORT}",
         f'python -c "{request}"',

@@ -27,8 +27,7 @@ DEFAULT_HOST = "127.0.0.1"
 RUN_DIR = REPO_ROOT / ".cache" / "serve"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("serve", help="run truss's model server locally (no Docker)")
+def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="HTTP port (default %(default)s)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default %(default)s)")
     parser.add_argument("--truss", type=Path, default=TRUSS_DIR, help="Truss directory (default model-truss/)")

@@ -1,4 +1,4 @@
-"""Accuracy against the Hugging Face reference, as seed 001's summarize.py measures it.
+"""Accuracy against the Hugging Face reference, as TensorRT-LLM's examples/summarize.py measures it.
 
 The same prompts go through this server (HTTP, non-streaming, greedy) and through plain transformers
 `generate` (greedy) on the same weights, device and dtype, with the server's own prompt encoding and stop

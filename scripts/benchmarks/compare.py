@@ -1,7 +1,9 @@
 """Two result files side by side: for every run both share, each headline metric as B/A and B - A.
 
 Runs are paired by label (`c=8`, `rate=4/s c=16`), so a direct run and an HTTP run of the same level pair
-up; files with no label in common are paired in order. B/A > 1 is better for throughput, worse for latency.
+up. Runs whose labels differ measure different loads, so a ratio between them means nothing: unless asked
+to pair in order (`--in-order`), a run without a partner of the same label is an error that names it.
+B/A > 1 is better for throughput, worse for latency.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from rich.table import Table
 
 from scripts.benchmarks.report import console
 from scripts.benchmarks.stats import RunSummary
+from scripts.cli import CliError
 
 # (field, statistic or None for a scalar field)
 METRICS: tuple[tuple[str, str | None], ...] = (
@@ -30,10 +33,15 @@ METRICS: tuple[tuple[str, str | None], ...] = (
 
 @dataclass(frozen=True)
 class Comparison:
-    label: str
+    a_label: str
+    b_label: str  # the same as a_label unless the runs were paired in order
     metric: str
     a: float | None
     b: float | None
+
+    @property
+    def label(self) -> str:
+        return self.a_label if self.a_label == self.b_label else f"{self.a_label} vs {self.b_label}"
 
     @property
     def ratio(self) -> float | None:
@@ -59,21 +67,34 @@ def metric_value(summary: RunSummary, field: str, stat: str | None) -> float | N
     return value[stat] if stat else value
 
 
-def pair_runs(a: list[RunSummary], b: list[RunSummary]) -> list[tuple[RunSummary, RunSummary]]:
+def pair_runs(a: list[RunSummary], b: list[RunSummary], in_order: bool = False) -> list[tuple[RunSummary, RunSummary]]:
+    """Runs of A and B with the same label; with `in_order`, the i-th of A with the i-th of B, whatever their labels."""
+    if in_order:
+        if len(a) != len(b):
+            raise CliError(f"A has {len(a)} runs and B has {len(b)}; --in-order pairs files with as many runs")
+        return list(zip(a, b, strict=True))
+    a_labels, b_labels = [s.label for s in a], [s.label for s in b]
+    unpaired = [f"A's {x!r}" for x in a_labels if x not in b_labels]
+    unpaired += [f"B's {x!r}" for x in b_labels if x not in a_labels]
+    if unpaired:
+        raise CliError(
+            f"no run of the same label for {', '.join(unpaired)} (A has {', '.join(a_labels)}; B has "
+            f"{', '.join(b_labels)}); compare files of the same load levels, or pass --in-order to pair by position"
+        )
     b_by_label = {s.label: s for s in b}
-    by_label = [(s, b_by_label[s.label]) for s in a if s.label in b_by_label]
-    return by_label or list(zip(a, b, strict=False))
+    return [(s, b_by_label[s.label]) for s in a]
 
 
-def compare(a: list[RunSummary], b: list[RunSummary]) -> list[Comparison]:
+def compare(a: list[RunSummary], b: list[RunSummary], in_order: bool = False) -> list[Comparison]:
     return [
         Comparison(
             run_a.label,
+            run_b.label,
             f"{field}.{stat}" if stat else field,
             metric_value(run_a, field, stat),
             metric_value(run_b, field, stat),
         )
-        for run_a, run_b in pair_runs(a, b)
+        for run_a, run_b in pair_runs(a, b, in_order)
         for field, stat in METRICS
     ]
 

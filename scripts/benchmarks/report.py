@@ -21,6 +21,7 @@ from rich.table import Table
 
 from scripts.benchmarks.stats import PERCENTILES, RunSummary
 
+PLOT_DPI = 120  # 7 x 4.5 in -> 840 x 540 px
 console = Console(width=None if sys.stdout.isatty() else 200)  # logs and pipes: no 80-column wrapping
 
 
@@ -94,11 +95,7 @@ def write_results(out_prefix: Path, meta: dict[str, Any], summaries: list[RunSum
         writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
-    throughput_png = Path(f"{out_prefix}-throughput.png")
-    latency_png = Path(f"{out_prefix}-latency.png")
-    plot_throughput(summaries, throughput_png)
-    plot_latency(summaries, latency_png)
-    return [json_path, csv_path, throughput_png, latency_png]
+    return [json_path, csv_path, *plot_results(summaries, out_prefix)]
 
 
 def load_results(path: Path) -> tuple[dict[str, Any], list[RunSummary]]:
@@ -106,7 +103,16 @@ def load_results(path: Path) -> tuple[dict[str, Any], list[RunSummary]]:
     return data.get("meta", {}), [RunSummary.from_dict(run) for run in data["runs"]]
 
 
-def plot_throughput(summaries: list[RunSummary], path: Path) -> None:
+def plot_results(summaries: list[RunSummary], out_prefix: Path, dpi: int = PLOT_DPI) -> list[Path]:
+    """`<prefix>-throughput.png` and `<prefix>-latency.png`; also how docs/benchmarks/ is drawn from its JSON."""
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    throughput_png, latency_png = Path(f"{out_prefix}-throughput.png"), Path(f"{out_prefix}-latency.png")
+    plot_throughput(summaries, throughput_png, dpi)
+    plot_latency(summaries, latency_png, dpi)
+    return [throughput_png, latency_png]
+
+
+def plot_throughput(summaries: list[RunSummary], path: Path, dpi: int = PLOT_DPI) -> None:
     """Aggregate and per-user output tokens/s against the load level, one line per mode (probes left out)."""
     summaries = [s for s in summaries if "probe" not in s.extra]
     by_rate = all(s.request_rate for s in summaries)
@@ -133,10 +139,10 @@ def plot_throughput(summaries: list[RunSummary], path: Path) -> None:
     more = user_axis.get_legend_handles_labels()
     total_axis.legend(lines[0] + more[0], lines[1] + more[1], loc="best", fontsize="small")
     total_axis.set_title("Throughput vs load")
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=dpi)
 
 
-def plot_latency(summaries: list[RunSummary], path: Path) -> None:
+def plot_latency(summaries: list[RunSummary], path: Path, dpi: int = PLOT_DPI) -> None:
     """TTFT, ITL and E2E percentiles, grouped by run."""
     figure = Figure(figsize=(12, 4.5), layout="constrained")
     axes = figure.subplots(1, 3)
@@ -149,7 +155,7 @@ def plot_latency(summaries: list[RunSummary], path: Path) -> None:
         axis.set_xticks([j + width * (len(summaries) - 1) / 2 for j in range(len(stats))], stats)
         axis.set_title(f"{title} (ms)")
     axes[0].legend(fontsize="small")
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=dpi)
 
 
 def print_json_line(payload: dict[str, Any]) -> None:

@@ -41,8 +41,8 @@ def test_readiness_is_503_until_loaded(server: Server) -> None:
     assert requests.get(f"{server.url}/", timeout=10).status_code == 200
 
 
-def test_seed_request_returns_text(server: Server) -> None:
-    """The seed's client, unchanged."""
+def test_quick_start_request_returns_text(server: Server) -> None:
+    """The README's quick-start client, unchanged."""
     response = requests.post(server.predict_url, json={"prompt": "What is a mistral?"}, timeout=300)
     body = response.json()
     assert response.status_code == 200

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from main import main
 from scripts.benchmarks.compare import compare, pair_runs
 from scripts.benchmarks.cpu import mark_probe, verdicts
 from scripts.benchmarks.report import load_results, write_results
 from scripts.benchmarks.stats import RequestRecord, RunSummary, summarize
+from scripts.cli import CliError
 
 
 def run(mode: str, concurrency: int, tokens_per_s: float, ttft_s: float, failures: int = 0) -> RunSummary:
@@ -48,9 +50,21 @@ def test_compare_pairs_runs_by_label_and_gives_ratios() -> None:
     assert rows["c=1", "ttft_ms.p50"].delta == pytest.approx(10.0)
 
 
-def test_compare_falls_back_to_order_without_common_labels() -> None:
+def test_compare_refuses_runs_without_a_partner_of_the_same_label() -> None:
+    """c=1 against c=2 measures two loads, not one thing two ways: refused, naming the labels."""
+    a, b = [run("x", 1, 10.0, 0.1), run("x", 8, 40.0, 0.2)], [run("y", 1, 9.0, 0.1), run("y", 2, 20.0, 0.1)]
+    with pytest.raises(CliError, match=r"no run of the same label for A's 'c=8', B's 'c=2'.*--in-order"):
+        pair_runs(a, b)
+
+
+def test_compare_in_order_pairs_by_position_and_labels_both_runs() -> None:
     a, b = [run("x", 1, 10.0, 0.1)], [run("y", 2, 20.0, 0.1)]
-    assert pair_runs(a, b) == [(a[0], b[0])]
+    assert pair_runs(a, b, in_order=True) == [(a[0], b[0])]
+    rows = compare(a, b, in_order=True)
+    assert {r.label for r in rows} == {"c=1 vs c=2"}
+    assert rows[0].to_dict()["label"] == "c=1 vs c=2"
+    with pytest.raises(CliError, match="A has 1 runs and B has 2"):
+        pair_runs(a, [*b, b[0]], in_order=True)
 
 
 def probe(mode: str, ttft_s: float) -> RunSummary:
@@ -71,3 +85,16 @@ def test_probes_are_labelled_and_kept_in_the_result_files(tmp_path: Path) -> Non
     assert marked.label == "c=1 ttft probe" and marked.extra == {"probe": "ttft"}
     paths = write_results(tmp_path / "p", {}, [run("http", 1, 10.0, 0.2), marked, run("http", 8, 40.0, 0.2)])
     assert [r["label"] for r in csv.DictReader(paths[1].open())] == ["c=1", "c=1 ttft probe", "c=8"]
+
+
+def test_cli_compare_refuses_different_levels_and_warns_when_forced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = write_results(tmp_path / "a", {}, [run("direct", 1, 10.0, 0.2)])[0]
+    b = write_results(tmp_path / "b", {}, [run("http", 4, 30.0, 0.3)])[0]
+    assert main(["bench", "compare", str(a), str(b)]) == 2
+    assert "no run of the same label for A's 'c=1', B's 'c=4'" in capsys.readouterr().err
+    assert main(["bench", "compare", "--in-order", str(a), str(b)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: --in-order paired runs of different load levels: c=1 vs c=4" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["rows"][0]["label"] == "c=1 vs c=4"

@@ -427,7 +427,7 @@ BAD_SPECS = {
         spec_with(quantization={"kv_cache": "fp8"}, gpu={"type": "a10"}),
         "needs sm_89 or newer but a10 is sm_86",
     ),
-    "V100, as in seed 004": (
+    "V100": (
         spec_with(gpu={"type": "v100-32gb"}),
         "gpu v100-32gb is sm_70; TensorRT-LLM 1.2 supports Ampere (sm_80) and newer",
     ),
