@@ -8,10 +8,18 @@ from __future__ import annotations
 
 
 class ServingError(Exception):
-    """Base class; `status` is the HTTP status the client gets, `openai_type` the OpenAI error type."""
+    """Base class; `status` is the HTTP status the client gets, `openai_type` / `openai_code` OpenAI's error type
+    and code. `param` names the request field at fault where it is known (OpenAI's `error.param`)."""
 
     status: int = 500
     openai_type: str = "server_error"
+    openai_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        if code is not None:
+            self.openai_code = code
 
 
 class InvalidRequest(ServingError):
@@ -21,11 +29,20 @@ class InvalidRequest(ServingError):
     openai_type = "invalid_request_error"
 
 
+class NotFound(ServingError):
+    """The request names something this server does not have (a model id on `/v1/models/{id}`)."""
+
+    status = 404
+    openai_type = "invalid_request_error"
+    openai_code = "not_found"
+
+
 class EngineOverloaded(ServingError):
     """More requests in flight than the engine queues; the client should retry."""
 
     status = 429
     openai_type = "rate_limit_error"
+    openai_code = "rate_limit_exceeded"
 
 
 class ClientDisconnected(ServingError):

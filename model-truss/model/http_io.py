@@ -45,10 +45,10 @@ def error_response(exc: ServingError, *, openai: bool = False) -> JSONResponse:
     metrics.REQUESTS.labels(outcome=type(exc).__name__).inc()
     if exc.status >= 500:
         logger.error("request failed: %s", exc)
-    if openai:
-        content: dict[str, Any] = {
-            "error": {"message": str(exc), "type": exc.openai_type, "param": None, "code": exc.status}
-        }
-    else:
-        content = {"error": str(exc)}
+    content: dict[str, Any] = openai_error(exc) if openai else {"error": str(exc)}
     return JSONResponse(content, status_code=exc.status)
+
+
+def openai_error(exc: ServingError) -> dict[str, Any]:
+    """OpenAI's error object (the body of an error response, or the data of a stream's error event)."""
+    return {"error": {"message": str(exc), "type": exc.openai_type, "param": exc.param, "code": exc.openai_code}}

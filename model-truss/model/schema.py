@@ -7,7 +7,7 @@ Every failure becomes an `InvalidRequest` whose message names the field and what
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -15,6 +15,7 @@ from model.backends.base import Limits, SamplingParams
 from model.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
 class ChatMessage(BaseModel):
@@ -24,23 +25,29 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class GenerateRequest(BaseModel):
+class SamplingFields(BaseModel):
+    """The decoding controls both APIs share, with one set of bounds; the defaults are `/predict`'s.
+
+    The OpenAI routes validate their own body first, then pass these fields (named as vLLM names them)
+    through this model, so a bound is written once.
+    """
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    max_new_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1, description="Alias of max_new_tokens (OpenAI name).")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_k: int = Field(default=0, ge=0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
-    stream: bool = False
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0, description="End tokens cannot come before this many new tokens.")
 
-    @field_validator("temperature", "top_p", "repetition_penalty", mode="before")
+    @field_validator(
+        "temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", mode="before"
+    )
     @classmethod
     def _int_is_a_float(cls, value: Any) -> Any:
         """Strict mode refuses `1` for a float field; JSON clients send it all the time."""
@@ -58,6 +65,34 @@ class GenerateRequest(BaseModel):
             raise ValueError("stop strings must not be empty")
         return stops
 
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self.stop or [])
+
+    def to_params(self, max_new_tokens: int, **extra: Any) -> SamplingParams:
+        """These controls as engine parameters; `extra` sets the fields only the OpenAI routes have (logprobs...)."""
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+            min_new_tokens=self.min_tokens,
+            **extra,
+        )
+
+
+class GenerateRequest(SamplingFields):
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="Alias of max_new_tokens (OpenAI name).")
+    stream: bool = False
+
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
@@ -70,30 +105,24 @@ class GenerateRequest(BaseModel):
             raise ValueError("'max_new_tokens' and 'max_tokens' disagree; send only one of them")
         return self
 
-    @property
-    def stop_strings(self) -> list[str]:
-        return list(self.stop or [])
-
     def sampling_params(self, default_max_new_tokens: int) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens or self.max_tokens or default_max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-            ignore_eos=self.ignore_eos,
-        )
+        return self.to_params(self.max_new_tokens or self.max_tokens or default_max_new_tokens)
 
 
 def parse_request(body: Any) -> GenerateRequest:
     """Validate a JSON body; pydantic's errors become one readable 400 message."""
     if not isinstance(body, dict):
         raise InvalidRequest(f"the request body must be a JSON object, got {type(body).__name__}")
+    return validated(GenerateRequest, body)
+
+
+def validated(schema: type[_Model], body: Any) -> _Model:
+    """`schema` validated from `body`; pydantic's errors become one `InvalidRequest` naming the first field at fault."""
     try:
-        return GenerateRequest.model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as exc:
-        raise InvalidRequest(describe(exc, GenerateRequest)) from None
+        first = exc.errors()[0]["loc"]
+        raise InvalidRequest(describe(exc, schema), param=str(first[0]) if first else None) from None
 
 
 def check_limits(prompt_len: int, params: SamplingParams, limits: Limits) -> None:
@@ -101,16 +130,20 @@ def check_limits(prompt_len: int, params: SamplingParams, limits: Limits) -> Non
     if prompt_len > limits.max_input_len:
         raise InvalidRequest(
             f"the prompt is {prompt_len} tokens; this deployment accepts at most {limits.max_input_len}. "
-            "Shorten the prompt."
+            "Shorten the prompt.",
+            code="context_length_exceeded",
         )
     if params.max_new_tokens > limits.max_new_tokens:
         raise InvalidRequest(
-            f"max_new_tokens={params.max_new_tokens} exceeds the limit of {limits.max_new_tokens}; ask for fewer."
+            f"max_new_tokens={params.max_new_tokens} exceeds the limit of {limits.max_new_tokens}; ask for fewer.",
+            param="max_tokens",
         )
     if prompt_len + params.max_new_tokens > limits.max_seq_len:
         raise InvalidRequest(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the maximum sequence "
-            f"length of {limits.max_seq_len}; lower max_new_tokens to {limits.max_seq_len - prompt_len} or less."
+            f"length of {limits.max_seq_len}; lower max_new_tokens to {limits.max_seq_len - prompt_len} or less.",
+            param="max_tokens",
+            code="context_length_exceeded",
         )
 
 

@@ -14,14 +14,17 @@ Each `_step`:
    together (left-padded), each row samples its first token, and the group is merged into the
    running batch by left-padding the shorter cache;
 2. one decode forward for all rows ([B, 1] tokens, position = real tokens so far);
-3. each row samples with its own parameters and generator; tokens go to the row's stream;
-   finished rows leave the batch and all-padding columns are trimmed.
+3. each row samples with its own parameters and generator: penalties (repetition, OpenAI presence /
+   frequency, min_tokens), then the structured-output mask of a guided row (model/guided.py), then
+   temperature / top-k / top-p; logprobs come from the raw logits, before any of these. Tokens go to the
+   row's stream; finished rows leave the batch and all-padding columns are trimmed.
 A failed prefill fails only the requests being admitted; a failed decode fails the running batch
 and the engine carries on with the next requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
@@ -31,7 +34,9 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
+    LogitsProcessor,
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     RepetitionPenaltyLogitsProcessor,
@@ -41,8 +46,18 @@ from transformers import (
 )
 
 from model.artifacts import Artifacts
-from model.backends.base import BatchingBackend, Limits, SamplingParams, Submission
-from model.errors import BackendError
+from model.backends.base import (
+    FEATURE_FIELDS,
+    BatchingBackend,
+    EngineStats,
+    Limits,
+    SamplingParams,
+    Submission,
+    TokenGuide,
+    TokenLogprob,
+)
+from model.errors import BackendError, InvalidRequest
+from model.guided import GuideCompiler, allocate_bitmask, apply_bitmask
 from model.prompting import stop_token_ids
 from model.settings import ServerSettings
 
@@ -56,8 +71,10 @@ class _Row:
     """One admitted request: its sampler and what it generated so far."""
 
     submission: Submission
-    processors: LogitsProcessorList
+    penalties: LogitsProcessorList  # applied before the guide's mask
+    warpers: LogitsProcessorList  # temperature, top-k, top-p: after it (a mask after top-k could leave nothing)
     generator: torch.Generator | None  # None: greedy
+    guide: TokenGuide | None = None
     generated: list[int] = field(default_factory=list)
 
     @property
@@ -71,10 +88,14 @@ class _Row:
 
 class TorchBackend(BatchingBackend):
     name = "torch"
+    supports = frozenset(FEATURE_FIELDS)
 
-    def __init__(self, model: PreTrainedModel, limits: Limits, stop_ids: frozenset[int], pad_id: int) -> None:
+    def __init__(
+        self, model: PreTrainedModel, limits: Limits, stop_ids: frozenset[int], pad_id: int, guides: GuideCompiler
+    ) -> None:
         super().__init__(limits, stop_ids)
         self.model = model
+        self.guides = guides
         self.device = model.device
         self._pad_id = pad_id
         self._waiting: list[Submission] = []
@@ -97,7 +118,26 @@ class TorchBackend(BatchingBackend):
         stops = stop_token_ids(tokenizer, artifacts.model_dir, artifacts.tokenizer_dir)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
         logger.info("torch backend on %s in %s, stop ids %s", model.device, model.dtype, sorted(stops))
-        return cls(model, limits, stops, pad_id)
+        guides = GuideCompiler(tokenizer, model.get_output_embeddings().weight.shape[0], stops)  # logits width
+        return cls(model, limits, stops, pad_id, guides)
+
+    async def prepare(self, params: SamplingParams) -> None:
+        """Compile the request's grammar off the event loop (cached), so admitting it costs microseconds."""
+        await super().prepare(params)
+        if params.guided is None:
+            return
+        if params.min_new_tokens:
+            raise InvalidRequest(
+                "min_tokens cannot be combined with structured output: the grammar decides where the output ends; "
+                "remove min_tokens",
+                param="min_tokens",
+            )
+        await asyncio.to_thread(self.guides.compile, params.guided)
+
+    def stats(self) -> EngineStats:
+        """Rows in the running batch, and accepted requests not yet in it (the DynamicCache has no fixed size)."""
+        running = len(self._rows)
+        return EngineStats(running=running, waiting=max(0, self.in_flight - running))
 
     # -- engine thread ---------------------------------------------------------------------
 
@@ -154,10 +194,10 @@ class TorchBackend(BatchingBackend):
             use_cache=True,
             logits_to_keep=1,
         )
-        rows = [_make_row(s, self.device) for s in group]
-        tokens = self._sample(rows, out.logits[:, -1, :])
+        rows = [_make_row(s, self.device, self.guides, self.stop_token_ids) for s in group]
+        tokens, logprobs = self._sample(rows, out.logits[:, -1, :])
         self._merge(rows, cache, mask, tokens)
-        self._dispatch(len(self._rows) - len(rows), tokens)
+        self._dispatch(len(self._rows) - len(rows), tokens, logprobs)
 
     def _decode(self) -> None:
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
@@ -169,40 +209,58 @@ class TorchBackend(BatchingBackend):
             past_key_values=self._cache,
             use_cache=True,
         )
-        tokens = self._sample(self._rows, out.logits[:, -1, :])
-        self._dispatch(0, tokens)
+        tokens, logprobs = self._sample(self._rows, out.logits[:, -1, :])
+        self._dispatch(0, tokens, logprobs)
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        """[B, vocab] logits -> [B] token ids, each row with its own parameters."""
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
+        """[B, vocab] logits -> [B] token ids, each row with its own parameters, and the rows' logprobs if asked."""
         logits = logits.float()
+        # Raw log-probabilities [vocab] of the rows that asked, before penalties, mask and temperature change logits.
+        raw = {i: torch.log_softmax(logits[i], dim=-1) for i, row in enumerate(rows) if row.params.logprobs is not None}
+        bitmask = allocate_bitmask(len(rows), logits.shape[-1]) if any(row.guide for row in rows) else None
         tokens = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
-            scores = (
-                row.processors(row.history(self.device), logits[i : i + 1]) if row.processors else logits[i : i + 1]
-            )
+            scores = logits[i : i + 1]  # [1, vocab]
+            history = row.history(self.device) if row.penalties or row.warpers else None
+            if row.penalties:
+                scores = row.penalties(history, scores)
+            if row.guide is not None and bitmask is not None:
+                row.guide.fill_next_token_bitmask(bitmask, i)
+                scores = scores.clone()
+                apply_bitmask(scores, bitmask[i : i + 1])
             if row.generator is not None:
-                probs = torch.softmax(scores, dim=-1)
+                probs = torch.softmax(row.warpers(history, scores), dim=-1)
                 tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0, 0]
-            elif row.processors:
+            elif row.penalties or row.guide is not None:
                 tokens[i] = scores.argmax(dim=-1)[0]
-        return tokens
+        chosen = tokens.tolist()
+        logprobs = [_logprob(raw[i], chosen[i], r.params.logprobs) if i in raw else None for i, r in enumerate(rows)]
+        return tokens, logprobs
 
-    def _dispatch(self, first: int, tokens: torch.Tensor) -> None:
+    def _dispatch(self, first: int, tokens: torch.Tensor, logprobs: list[TokenLogprob | None]) -> None:
         """Hand rows first.. their new token; retire finished rows from the batch."""
         keep = list(range(first))
-        for offset, token in enumerate(tokens.tolist()):
+        for offset, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs, strict=True)):
             index = first + offset
             row = self._rows[index]
             params = row.params
+            stream = row.submission.stream
             if token in self.stop_token_ids and not params.ignore_eos:
-                row.submission.stream.put((), "stop")
+                stream.put((), "stop")
+                continue
+            if row.guide is not None and not row.guide.accept_token(token):
+                stream.fail(BackendError(f"the structured-output grammar rejected token {token}"))
+                continue
+            if row.guide is not None and row.guide.is_terminated():  # the end token the complete grammar asked for
+                stream.put((), "stop")
                 continue
             row.generated.append(token)
+            chunk_logprobs = None if logprob is None else (logprob,)
             total = len(row.submission.prompt_ids) + len(row.generated)
             if len(row.generated) >= params.max_new_tokens or total >= self.limits.max_seq_len:
-                row.submission.stream.put((token,), "length")
+                stream.put((token,), "length", chunk_logprobs)
                 continue
-            row.submission.stream.put((token,))
+            stream.put((token,), None, chunk_logprobs)
             keep.append(index)
         self._next_tokens[first:] = tokens
         if len(keep) < len(self._rows):
@@ -255,22 +313,49 @@ class TorchBackend(BatchingBackend):
         self._waiting = []
 
 
-def _make_row(submission: Submission, device: torch.device) -> _Row:
-    """transformers' own logits processors, per request; a seeded generator when sampling."""
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's presence / frequency penalties over the generated tokens (the prompt does not count):
+    logit[t] -= frequency * count[t] + presence * (count[t] > 0)."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_len :]  # [1, n]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def _make_row(submission: Submission, device: torch.device, guides: GuideCompiler, stops: frozenset[int]) -> _Row:
+    """transformers' own logits processors, per request; a seeded generator when sampling; the grammar's matcher."""
     params = submission.params
-    processors = LogitsProcessorList()
+    penalties, warpers = LogitsProcessorList(), LogitsProcessorList()
     if params.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        penalties.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.presence_penalty or params.frequency_penalty:
+        penalties.append(OpenAIPenalties(len(submission.prompt_ids), params.presence_penalty, params.frequency_penalty))
+    if params.min_new_tokens:
+        penalties.append(
+            MinNewTokensLengthLogitsProcessor(len(submission.prompt_ids), params.min_new_tokens, sorted(stops))
+        )
     generator = None
     if not params.greedy:
-        processors.append(TemperatureLogitsWarper(params.temperature))
+        warpers.append(TemperatureLogitsWarper(params.temperature))
         if params.top_k > 0:
-            processors.append(TopKLogitsWarper(params.top_k))
+            warpers.append(TopKLogitsWarper(params.top_k))
         if params.top_p < 1.0:
-            processors.append(TopPLogitsWarper(params.top_p))
+            warpers.append(TopPLogitsWarper(params.top_p))
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-    return _Row(submission, processors, generator)
+    guide = guides.compile(params.guided).new_matcher() if params.guided is not None else None  # compiled in prepare
+    return _Row(submission, penalties, warpers, generator, guide)
+
+
+def _logprob(raw: torch.Tensor, token: int, top: int | None) -> TokenLogprob:
+    """The sampled token's raw logprob and the `top` most likely tokens, from raw [vocab] log-probabilities."""
+    best = torch.topk(raw, top) if top else None
+    alternatives = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
+    return TokenLogprob(token, float(raw[token]), alternatives)
 
 
 def load_hf_model(settings: ServerSettings, model_dir: Path) -> PreTrainedModel:
