@@ -18,7 +18,7 @@ from starlette.requests import Request
 from transformers import PreTrainedTokenizerBase
 
 from model import metrics
-from model.backends.base import BatchingBackend
+from model.backends.base import BatchingBackend, SamplingParams
 from model.errors import ClientDisconnected
 from model.prompting import encode_prompt
 from model.schema import GenerateRequest, check_limits
@@ -56,31 +56,49 @@ class TextGenerator:
 
     async def start(self, request: GenerateRequest) -> Generation:
         """Start generating; raises `ServingError` for anything that goes wrong before the first piece."""
-        started = time.perf_counter()
         prompt_ids = encode_prompt(self.tokenizer, request, self.settings.prompt_format)
+        params = request.sampling_params(self.default_max_new_tokens(len(prompt_ids)))
+        return await self.start_ids(prompt_ids, params, request.stop_strings)
+
+    def default_max_new_tokens(self, prompt_len: int) -> int:
+        """For a request that names no max_new_tokens: the default, shrunk to what still fits the engine."""
         limits = self.backend.limits
-        # A request that names no max_new_tokens gets the default, shrunk to what still fits the engine.
-        room = max(1, limits.max_seq_len - len(prompt_ids))
-        params = request.sampling_params(min(self.settings.default_max_new_tokens, limits.max_new_tokens, room))
-        check_limits(len(prompt_ids), params, limits)
+        room = max(1, limits.max_seq_len - prompt_len)
+        return min(self.settings.default_max_new_tokens, limits.max_new_tokens, room)
+
+    async def start_ids(self, prompt_ids: list[int], params: SamplingParams, stop_strings: list[str]) -> Generation:
+        """`start` for a prompt already tokenized (the OpenAI routes build their own prompts)."""
+        started = time.perf_counter()
+        check_limits(len(prompt_ids), params, self.backend.limits)
         await self.backend.prepare(params)
         result = GenerationResult(prompt_tokens=len(prompt_ids))
-        pieces = generate_text(self.backend.generate(prompt_ids, params), self.tokenizer, request.stop_strings, result)
+        pieces = generate_text(self.backend.generate(prompt_ids, params), self.tokenizer, stop_strings, result)
         first = await anext(pieces, None)
-        metrics.TIME_TO_FIRST_PIECE.observe(time.perf_counter() - started)
+        metrics.TIME_TO_FIRST_TOKEN.observe(time.perf_counter() - started)
         metrics.PROMPT_TOKENS.inc(result.prompt_tokens)
-        return Generation(_counted(first, pieces, result), result)
+        return Generation(_counted(first, pieces, result, started), result)
 
 
-async def _counted(first: str | None, pieces: AsyncIterator[str], result: GenerationResult) -> AsyncIterator[str]:
-    """The first piece, then the rest; closing it closes `pieces` (cancelling the request) and counts the outcome."""
+async def _counted(
+    first: str | None, pieces: AsyncIterator[str], result: GenerationResult, started: float
+) -> AsyncIterator[str]:
+    """The first piece, then the rest; closing it closes `pieces` (cancelling the request) and counts the outcome.
+
+    Inter-token latency: each gap between pieces, spread over the tokens the later piece carries (a piece holds
+    several tokens when the detokenizer waited for a whole character)."""
     outcome = "disconnected"  # closed before the end
     try:
         if first is not None:
             yield first
+        last, tokens = time.perf_counter(), result.completion_tokens
         async for piece in pieces:
+            now, new = time.perf_counter(), result.completion_tokens - tokens
+            for _ in range(new):
+                metrics.INTER_TOKEN_LATENCY.observe((now - last) / new)
+            last, tokens = now, result.completion_tokens
             yield piece
         outcome = "completed"
+        metrics.E2E_REQUEST_LATENCY.observe(time.perf_counter() - started)
     except Exception:
         outcome = "failed"
         raise

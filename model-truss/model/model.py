@@ -4,7 +4,7 @@
 Each route takes only the request, so truss leaves the body to us (http_io.py) and passes our
 responses through unchanged.)
 
-A request's path: the route's API module (predict_api.py, or openai_api.py for the OpenAI routes)
+A request's path: the route's API module (predict_api.py, or openai_api/ for the OpenAI routes)
 reads and validates the body (http_io.py, schema.py) -> `TextGenerator.start` (generation.py):
 prompt -> token ids -> limits -> `backend.generate` (token ids, backends/) -> text pieces
 (streaming.py) -> a JSON response, or a stream of the pieces.
@@ -23,11 +23,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from model import metrics, openai_api, predict_api
+from model import metrics, predict_api
 from model.artifacts import resolve_artifacts
 from model.backends import load_backend
 from model.backends.base import BatchingBackend
 from model.generation import TextGenerator
+from model.openai_api.models import served_model_name
+from model.openai_api.routes import OpenAIRoutes
 from model.schema import parse_request
 from model.settings import load_settings
 
@@ -45,6 +47,7 @@ class Model:
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.backend: BatchingBackend | None = None
         self.generator: TextGenerator | None = None
+        self.openai: OpenAIRoutes | None = None
 
     def load(self) -> None:
         fetch = functools.partial(
@@ -56,6 +59,7 @@ class Model:
         atexit.register(self.backend.shutdown)
         metrics.track_backend(self.backend)
         self.generator = TextGenerator(self.backend, tokenizer, self.settings)
+        self.openai = OpenAIRoutes(self.generator, served_model_name(self.settings))
         if self.settings.warmup:
             started = time.perf_counter()
             asyncio.run(self._warm_up())
@@ -70,15 +74,19 @@ class Model:
 
     async def chat_completions(self, request: Request) -> Response:
         """OpenAI `/v1/chat/completions`."""
-        return await openai_api.chat_completions(self._generator(), request)
+        return await self._openai().chat_completions(request)
 
     async def completions(self, request: Request) -> Response:
         """OpenAI `/v1/completions`."""
-        return await openai_api.completions(self._generator(), request)
+        return await self._openai().completions(request)
 
     def _generator(self) -> TextGenerator:
         assert self.generator is not None, "a route was called before load()"
         return self.generator
+
+    def _openai(self) -> OpenAIRoutes:
+        assert self.openai is not None, "a route was called before load()"
+        return self.openai
 
     async def _warm_up(self) -> None:
         """One generation through the whole path, without HTTP."""

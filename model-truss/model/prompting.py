@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -23,14 +24,21 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, request: GenerateRequest, 
     chat = prompt_format == "chat" or (prompt_format == "auto" and bool(tokenizer.chat_template))
     if request.prompt is not None and not chat:
         return list(tokenizer(request.prompt).input_ids)
-    if not tokenizer.chat_template:
-        raise InvalidRequest("this model has no chat template, so 'messages' cannot be rendered; send 'prompt'")
     if request.prompt is not None:
         messages = [{"role": "user", "content": request.prompt}]
     else:
         messages = [m.model_dump() for m in request.messages or []]
+    return encode_chat(tokenizer, messages)
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Messages (and tool definitions, for templates that take them) through the model's own chat template."""
+    if not tokenizer.chat_template:
+        raise InvalidRequest("this model has no chat template, so 'messages' cannot be rendered; send 'prompt'")
     # Render to text first: the template writes its own special tokens, so none are added twice.
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 

@@ -13,10 +13,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import TYPE_CHECKING
 
 import uvicorn
+from fastapi import FastAPI
 
-from model.settings import server_port
+from model.metrics import metrics_route
+from model.openai_api.models import ModelRoutes, served_model_name
+from model.settings import load_settings, server_port
+
+if TYPE_CHECKING:
+    from truss_server import TrussServer
 
 CONFIG_FILE = "config.yaml"  # truss's server reads its config from the working directory
 CONTAINER_HOST = "0.0.0.0"
@@ -36,8 +43,10 @@ def build_server(host: str, port: int) -> uvicorn.Server:
 
     truss_server = TrussServer(port, CONFIG_FILE)
     debug = truss_server._config["runtime"].get("enable_debug_logs", False)
+    app = truss_server.create_application()
+    add_routes(app, truss_server)
     config = uvicorn.Config(
-        truss_server.create_application(),
+        app,
         http="h11",  # as truss: its requests handling does not work with httptools
         host=host,
         port=port,
@@ -50,3 +59,11 @@ def build_server(host: str, port: int) -> uvicorn.Server:
     server = uvicorn.Server(config)
     truss_server._server = server  # truss's watcher stops this server through it when load() fails
     return server
+
+
+def add_routes(app: FastAPI, truss_server: TrussServer) -> None:
+    """What truss's application lacks: `GET /metrics` without its redirect, and OpenAI's `/v1/models` routes."""
+    settings = load_settings(truss_server._config.get("model_metadata"))
+    before, after = ModelRoutes(served_model_name(settings), truss_server._endpoints.model_ready).routes()
+    app.router.routes[:0] = [metrics_route(), *before]
+    app.router.routes.extend(after)

@@ -56,6 +56,12 @@ class ServerSettings(BaseModel):
         default=None, description="Where downloads and converted weights go; default: the Truss data_dir."
     )
 
+    served_model_name: str | None = Field(
+        default=None,
+        description="The model id the OpenAI routes list (`GET /v1/models`); default: model_repo (a Hub id), the "
+        "folder name of a local model_repo, or the embedded model's name.",
+    )
+
     prompt_format: Literal["auto", "chat", "raw"] = Field(
         default="auto",
         description="How a plain `prompt` is tokenized: `chat` wraps it as one user message with the model's chat "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from model.backends.base import FinishReason, TokenChunk
+from model.backends.base import FinishReason, TokenChunk, TokenLogprob
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -100,6 +100,7 @@ class GenerationResult:
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
     pieces: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when the request asked
 
     @property
     def text(self) -> str:
@@ -129,6 +130,7 @@ async def generate_text(
     try:
         async for chunk in chunks:
             result.completion_tokens += len(chunk.token_ids)
+            result.logprobs.extend(chunk.logprobs or ())
             piece = matcher.feed(detokenizer.add(chunk.token_ids))
             if chunk.finish_reason is not None and not matcher.stopped:
                 piece += matcher.feed(detokenizer.flush())
