@@ -163,9 +163,9 @@ def test_client_disconnect_cancels_generation(server: Server) -> None:
     with server.predict(request, stream=True) as response:
         chunks = response.iter_content(chunk_size=None)  # kept: a discarded iterator closes the connection
         next(chunks)
-        assert _metric(server, "llm_requests_in_flight") >= 1
+        assert _metric(server, "llm_requests_running") >= 1
     deadline = time.monotonic() + 20  # the full generation would take minutes on CPU
-    while _metric(server, "llm_requests_in_flight") > 0:
+    while _metric(server, "llm_requests_running") > 0:
         assert time.monotonic() < deadline, "the dropped request is still generating"
         time.sleep(0.2)
 

@@ -14,6 +14,7 @@ from model.backends.base import BatchingBackend, Limits, SamplingParams, TokenCh
 from model.errors import BackendError, EngineOverloaded
 from model.generation import TextGenerator
 from model.model import Model
+from model.openai_api.routes import OpenAIRoutes
 
 
 class RecordingBackend:
@@ -62,6 +63,7 @@ def _model(tokenizer, limits: Limits, fail_with: Exception | None = None) -> tup
     backend = RecordingBackend(tokenizer, limits, fail_with)
     model.backend = backend  # type: ignore[assignment]
     model.generator = TextGenerator(backend, tokenizer, model.settings)  # type: ignore[arg-type]
+    model.openai = OpenAIRoutes(model.generator, "test-model")
     return model, backend
 
 
@@ -145,4 +147,4 @@ def test_openai_errors_are_openai_error_objects(tokenizer) -> None:
     response, body = asyncio.run(call())
     error = json.loads(body)["error"]
     assert response.status_code == 400
-    assert error["type"] == "invalid_request_error" and error["code"] == 400 and "messages" in error["message"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "messages" and "messages" in error["message"]
