@@ -3,12 +3,14 @@
     python main.py bench cpu                                   # the CPU targets, one command -> results/cpu/
     python main.py bench run --url http://127.0.0.1:8080 --concurrency 1,4,16 --num-requests 64
     python main.py bench run --rate 0.5,1,2 --max-concurrency 32 --dataset my.jsonl --no-ignore-eos
+    python main.py bench run --api openai-chat --base-url http://vllm:8000 --model meta-llama/Llama-3.1-8B-Instruct
     python main.py bench direct --concurrency 1,8                # same requests, backend in-process
     python main.py bench compare results/direct.json results/bench.json
     python main.py bench plot docs/benchmarks/gpu-h200.json --dpi 80    # the PNGs of a results file, again
     python main.py bench dataset --out data/synthetic.jsonl --input-tokens normal:512,64 --output-tokens fixed:128
     python main.py bench accuracy                              # greedy identity + ROUGE vs transformers
     python main.py bench gpu --out results/gpu                 # on a CUDA machine: backend vs generate vs bandwidth
+    python main.py bench guided                                # structured output: constrained vs free ms/token
 
 Datasets are synthetic (`--input-tokens`/`--output-tokens`: fixed:N, normal:MEAN,STD, uniform:LOW,HIGH) or a
 JSON-lines file in TensorRT-LLM's prepare_dataset.py format (`--dataset`), so trtllm-bench can run it too.
@@ -19,6 +21,7 @@ start quickly.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +42,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True)
 
     run = commands.add_parser("run", help="load-test a running server over HTTP (streaming)")
-    run.add_argument("--url", default="http://127.0.0.1:8080", help="server base URL (default %(default)s)")
+    run.add_argument(
+        "--url", "--base-url", dest="url", default="http://127.0.0.1:8080", help="server base URL (default %(default)s)"
+    )
+    run.add_argument(
+        "--api",
+        choices=("predict", "openai-chat", "openai-completions"),
+        default="predict",
+        help="this server's :predict, or the OpenAI chat / completions routes any OpenAI-compatible server has "
+        "(default %(default)s)",
+    )
+    run.add_argument("--model", help="the model name OpenAI requests send (default: 'model')")
     _codec_args(run)
     _dataset_args(run)
     _load_args(run)
@@ -94,6 +107,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     gpu.add_argument("--output-len", type=int, default=128, help="new tokens (default %(default)s)")
     gpu.add_argument("--out", type=Path, default=RESULTS / "gpu", help="result folder (default %(default)s)")
     gpu.set_defaults(func=_gpu)
+
+    guided = commands.add_parser("guided", help="structured output: per-token cost, constrained vs free, in process")
+    guided.add_argument("--model-dir", type=Path, help="model (or, with --random-weights, tokenizer) folder")
+    guided.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default %(default)s)")
+    guided.add_argument(
+        "--random-weights",
+        choices=("config", "mistral-7b"),
+        help="random weights of the folder's or Mistral-7B's shape",
+    )
+    guided.add_argument("--max-tokens", type=int, default=96, help="new tokens at most (default %(default)s)")
+    guided.add_argument("--repeats", type=int, default=3, help="measured rounds (default %(default)s)")
+    guided.add_argument("--concurrency", type=int, default=8, help="batched requests (default %(default)s)")
+    guided.add_argument("--out", type=Path, default=RESULTS / "guided.json", help="(default %(default)s)")
+    guided.set_defaults(func=_guided)
 
     accuracy = commands.add_parser("accuracy", help="greedy outputs and ROUGE vs plain transformers generate")
     accuracy.add_argument("--url", help="server to check (default: start the configured server locally)")
@@ -188,23 +215,26 @@ def _measure(args: argparse.Namespace, mode: str, open_sender: OpenSender, codec
     requests, dataset = _requests(args, codec, args.num_requests)
     plan = RunPlan(args.num_requests, args.warmup_waves, args.warmup_tokens or None, args.max_duration, args.seed)
     summaries = run_levels(requests, open_sender, _levels(args), plan, mode)
-    print_table(summaries, f"{mode}: {dataset}")
+    api = meta.get("api")
+    print_table(summaries, f"{mode}{f' ({api} API)' if api else ''}: {dataset}")
     paths = write_results(args.out, run_meta(mode=mode, dataset=dataset, ignore_eos=args.ignore_eos, **meta), summaries)
     print("results: " + ", ".join(map(str, paths)))
-    print_json_line({"mode": mode, "runs": [headline(s) for s in summaries]})
+    print_json_line({"mode": mode, **({"api": api} if api else {}), "runs": [headline(s) for s in summaries]})
     return 0 if all(s.failed == 0 for s in summaries) else 1
 
 
 def _run(args: argparse.Namespace) -> int:
     from scripts.benchmarks.loadgen import http_sender
 
+    if args.api != "predict" and args.prompt_format is None:  # what an OpenAI server does with the prompt
+        args.prompt_format = "chat" if args.api == "openai-chat" else "raw"
     codec = _codec(args)
 
     def count(text: str) -> int:
         return len(codec.tokenizer(text, add_special_tokens=False).input_ids)
 
-    sender = http_sender(args.url.rstrip("/"), count, ignore_eos=args.ignore_eos)
-    return _measure(args, "http", sender, codec, url=args.url)
+    sender = http_sender(args.url.rstrip("/"), count, ignore_eos=args.ignore_eos, api=args.api, model=args.model)
+    return _measure(args, "http", sender, codec, url=args.url, api=args.api, model=args.model)
 
 
 def _direct(args: argparse.Namespace) -> int:
@@ -283,6 +313,21 @@ def _gpu(args: argparse.Namespace) -> int:
         raise CliError("--concurrency takes comma-separated integers, e.g. 1,8,32,64") from None
     rows = run_gpu_suite(GpuPlan(concurrencies, args.input_len, args.output_len), args.out)
     return 0 if all(r.backend_failed == 0 for r in rows) else 1
+
+
+def _guided(args: argparse.Namespace) -> int:
+    from model.artifacts import embedded_model_dir
+    from scripts.benchmarks.direct import model_cache_dir
+    from scripts.benchmarks.guided import GuidedPlan, print_rows, run_guided_bench
+    from scripts.benchmarks.report import print_json_line
+
+    model_dir = args.model_dir or embedded_model_dir(model_cache_dir())
+    plan = GuidedPlan(model_dir, args.device, args.random_weights, args.max_tokens, args.repeats, args.concurrency)
+    summary = print_rows(run_guided_bench(plan), plan)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print_json_line({"guided": summary["rows"], "xgrammar": summary["xgrammar"], "device": summary["device"]})
+    return 0
 
 
 def _accuracy(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """The load generator: schedules requests at a concurrency or a Poisson rate against a `Sender`.
 
-A `Sender` turns one `BenchRequest` into a `RequestRecord`; `http_sender` streams from the server's
-`/v1/models/model:predict`, `scripts.benchmarks.direct.direct_sender` drives the backend in-process. The
+A `Sender` turns one `BenchRequest` into a `RequestRecord`; `http_sender` streams from a server over one of
+three APIs (`API_PATHS`): this server's `/v1/models/model:predict`, or the OpenAI `/v1/chat/completions` /
+`/v1/completions` that any OpenAI-compatible server (vLLM, trtllm-serve, SGLang, TGI) answers, so the same
+command measures them side by side; `scripts.benchmarks.direct.direct_sender` drives the backend in-process. The
 scheduling, warm-up, progress bar and statistics are shared, so the two modes differ only in the path a
 request takes — which is what the serving-overhead ratio measures.
 
@@ -22,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from itertools import cycle, islice
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -32,6 +35,7 @@ from scripts.benchmarks.report import console
 from scripts.benchmarks.stats import RequestRecord, RunSummary, summarize
 
 PREDICT_PATH = "/v1/models/model:predict"
+API_PATHS = {"predict": PREDICT_PATH, "openai-chat": "/v1/chat/completions", "openai-completions": "/v1/completions"}
 
 Sender = Callable[[BenchRequest], Awaitable[RequestRecord]]
 OpenSender = Callable[[], AbstractAsyncContextManager[Sender]]
@@ -182,10 +186,13 @@ def http_sender(
     *,
     ignore_eos: bool = True,
     timeout_s: float = 600.0,
+    api: str = "predict",
+    model: str | None = None,
 ) -> OpenSender:
-    """Streams each request from the server.
+    """Streams each request from the server over `api` (an `API_PATHS` key); `model` names the OpenAI model.
 
-    Output tokens are max_new_tokens when EOS is ignored (exact); otherwise `count_tokens` counts the text.
+    Output tokens: an OpenAI server's `usage` when it sends one; else max_new_tokens when EOS is ignored (exact);
+    otherwise `count_tokens` counts the text.
     """
     if not ignore_eos and count_tokens is None:
         raise ValueError("counting output tokens without ignore_eos needs count_tokens (the model's tokenizer)")
@@ -199,7 +206,9 @@ def http_sender(
         ) as session:
 
             async def send(request: BenchRequest) -> RequestRecord:
-                return await stream_request(session, request, counter, ignore_eos=ignore_eos)
+                if api == "predict":
+                    return await stream_request(session, request, counter, ignore_eos=ignore_eos)
+                return await stream_openai(session, request, counter, api=api, model=model, ignore_eos=ignore_eos)
 
             yield send
 
@@ -251,9 +260,77 @@ async def stream_request(
     return record
 
 
-def _error_message(body: str) -> str:
-    """The server's `{"error": ...}` message, or the raw body when it is not that shape."""
+async def stream_openai(
+    session: aiohttp.ClientSession,
+    request: BenchRequest,
+    count_tokens: Callable[[str], int] | None,
+    *,
+    api: str,
+    model: str | None,
+    ignore_eos: bool,
+) -> RequestRecord:
+    """One streamed OpenAI request (server-sent events); every failure is recorded by kind, never raised.
+
+    `ignore_eos` is sent as the extra field vLLM, trtllm-serve and this server read; a chat request sends the
+    prompt as one user turn, a completions request sends it raw. A chunk counts when it carries text.
+    """
+    payload: dict[str, Any] = {
+        "model": model or "model",
+        "max_tokens": request.output_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **({"ignore_eos": True} if ignore_eos else {}),
+    }
+    if api == "openai-chat":
+        payload["messages"] = [{"role": "user", "content": request.prompt}]
+    else:
+        payload["prompt"] = request.prompt
+    record = RequestRecord(task_id=request.task_id, input_tokens=len(request.input_ids), start=time.perf_counter())
+    pieces, usage = [], None
     try:
-        return str(json.loads(body)["error"])
+        async with session.post(API_PATHS[api], json=payload) as response:
+            if response.status != 200:
+                record.error, record.error_detail = f"http_{response.status}", _error_message(await response.text())
+            else:
+                async for raw in response.content:
+                    line = raw.decode("utf-8").strip()
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line.removeprefix("data:"))
+                    if "error" in event:
+                        record.error, record.error_detail = "stream_error", _error_message(json.dumps(event))
+                        break
+                    usage = event.get("usage") or usage
+                    text = "".join(_choice_text(choice) for choice in event.get("choices") or [])
+                    if text:
+                        record.chunk_times.append(time.perf_counter())
+                        pieces.append(text)
+    except TimeoutError:
+        record.error = "timeout"
+    except aiohttp.ClientPayloadError as exc:
+        record.error, record.error_detail = "stream_broken", str(exc)
+    except aiohttp.ClientConnectionError as exc:
+        record.error, record.error_detail = "connection", str(exc)
+    record.end = time.perf_counter()
+    if record.ok and not record.chunk_times:
+        record.error = "empty_stream"
+    if record.ok:
+        text = "".join(pieces)
+        record.output_tokens = (
+            usage["completion_tokens"] if usage else count_tokens(text) if count_tokens else request.output_tokens
+        )
+    return record
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+def _error_message(body: str) -> str:
+    """The server's `{"error": ...}` message (OpenAI's `{"error": {"message"}}` too), or the raw body."""
+    try:
+        error = json.loads(body)["error"]
+        return str(error["message"] if isinstance(error, dict) and "message" in error else error)
     except (ValueError, KeyError, TypeError):
         return body[:200]

@@ -73,3 +73,18 @@ def test_cli_run_writes_results_and_ends_with_json(
     assert main(["bench", "compare", f"{out}.json", f"{out}.json"]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
     assert {row["ratio"] for row in rows if row["ratio"] is not None} == {1.0}
+
+
+@pytest.mark.parametrize("api", ["openai-chat", "openai-completions"])
+def test_openai_mode_measures_any_openai_server(
+    server: Server, api: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The same run over the OpenAI routes: every token counted (from usage), the API named in the report."""
+    argv = ["bench", "run", "--api", api, "--base-url", server.url, "--model", "smollm2", "--concurrency", "2"]
+    argv += ["--num-requests", "2", "--input-tokens", "fixed:12", "--output-tokens", f"fixed:{OUTPUT_TOKENS}"]
+    assert main([*argv, "--out", str(tmp_path / "openai")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    headline = json.loads(lines[-1])
+    assert headline["api"] == api and f"({api} API)" in "\n".join(lines)
+    (run,) = headline["runs"]
+    assert run["ok"] == 2 and run["failed"] == 0 and run["out_tok_s"] > 0

@@ -91,11 +91,19 @@ class TorchBackend(BatchingBackend):
     supports = frozenset(FEATURE_FIELDS)
 
     def __init__(
-        self, model: PreTrainedModel, limits: Limits, stop_ids: frozenset[int], pad_id: int, guides: GuideCompiler
+        self,
+        model: PreTrainedModel,
+        limits: Limits,
+        stop_ids: frozenset[int],
+        pad_id: int,
+        guides: GuideCompiler | None = None,
     ) -> None:
+        """`guides`: the tokenizer's grammar compiler; without one, structured output is refused."""
         super().__init__(limits, stop_ids)
         self.model = model
         self.guides = guides
+        if guides is None:
+            self.supports = self.supports - {"guided_decoding"}
         self.device = model.device
         self._pad_id = pad_id
         self._waiting: list[Submission] = []
@@ -132,6 +140,7 @@ class TorchBackend(BatchingBackend):
                 "remove min_tokens",
                 param="min_tokens",
             )
+        assert self.guides is not None  # check_supported refused guided decoding without a compiler
         await asyncio.to_thread(self.guides.compile, params.guided)
 
     def stats(self) -> EngineStats:
@@ -326,7 +335,9 @@ class OpenAIPenalties(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
-def _make_row(submission: Submission, device: torch.device, guides: GuideCompiler, stops: frozenset[int]) -> _Row:
+def _make_row(
+    submission: Submission, device: torch.device, guides: GuideCompiler | None, stops: frozenset[int]
+) -> _Row:
     """transformers' own logits processors, per request; a seeded generator when sampling; the grammar's matcher."""
     params = submission.params
     penalties, warpers = LogitsProcessorList(), LogitsProcessorList()
@@ -347,7 +358,9 @@ def _make_row(submission: Submission, device: torch.device, guides: GuideCompile
             warpers.append(TopPLogitsWarper(params.top_p))
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-    guide = guides.compile(params.guided).new_matcher() if params.guided is not None else None  # compiled in prepare
+    guide = None
+    if params.guided is not None and guides is not None:
+        guide = guides.compile(params.guided).new_matcher()  # compiled in prepare(): a cache hit
     return _Row(submission, penalties, warpers, generator, guide)
 
 
