@@ -316,12 +316,15 @@ def _gpu(args: argparse.Namespace) -> int:
 
 
 def _guided(args: argparse.Namespace) -> int:
-    from model.artifacts import embedded_model_dir
-    from scripts.benchmarks.direct import model_cache_dir
     from scripts.benchmarks.guided import GuidedPlan, print_rows, run_guided_bench
     from scripts.benchmarks.report import print_json_line
 
-    model_dir = args.model_dir or embedded_model_dir(model_cache_dir())
+    model_dir = args.model_dir
+    if model_dir is None:  # the server's embedded model (its cache helpers import the serving stack)
+        from model.artifacts import embedded_model_dir
+        from scripts.benchmarks.direct import model_cache_dir
+
+        model_dir = embedded_model_dir(model_cache_dir())
     plan = GuidedPlan(model_dir, args.device, args.random_weights, args.max_tokens, args.repeats, args.concurrency)
     summary = print_rows(run_guided_bench(plan), plan)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,8 @@ import asyncio
 import codecs
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from itertools import cycle, islice
 from typing import Any
@@ -236,7 +236,7 @@ async def stream_request(
     record = RequestRecord(task_id=request.task_id, input_tokens=len(request.input_ids), start=time.perf_counter())
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a piece may end inside a character
     pieces = []
-    try:
+    with _network_failures(record):
         async with session.post(PREDICT_PATH, json=payload) as response:
             if response.status != 200:
                 record.error, record.error_detail = f"http_{response.status}", _error_message(await response.text())
@@ -246,18 +246,7 @@ async def stream_request(
                         record.chunk_times.append(time.perf_counter())
                         pieces.append(decoder.decode(data))
                 pieces.append(decoder.decode(b"", final=True))
-    except TimeoutError:
-        record.error = "timeout"
-    except aiohttp.ClientPayloadError as exc:  # the stream broke off mid-body
-        record.error, record.error_detail = "stream_broken", str(exc)
-    except aiohttp.ClientConnectionError as exc:
-        record.error, record.error_detail = "connection", str(exc)
-    record.end = time.perf_counter()
-    if record.ok and not record.chunk_times:
-        record.error = "empty_stream"
-    if record.ok:
-        record.output_tokens = count_tokens("".join(pieces)) if count_tokens else request.output_tokens
-    return record
+    return _finished(record, lambda: count_tokens("".join(pieces)) if count_tokens else request.output_tokens)
 
 
 async def stream_openai(
@@ -288,7 +277,7 @@ async def stream_openai(
         payload["prompt"] = request.prompt
     record = RequestRecord(task_id=request.task_id, input_tokens=len(request.input_ids), start=time.perf_counter())
     pieces, usage = [], None
-    try:
+    with _network_failures(record):
         async with session.post(API_PATHS[api], json=payload) as response:
             if response.status != 200:
                 record.error, record.error_detail = f"http_{response.status}", _error_message(await response.text())
@@ -306,20 +295,32 @@ async def stream_openai(
                     if text:
                         record.chunk_times.append(time.perf_counter())
                         pieces.append(text)
+    text = "".join(pieces)
+    return _finished(
+        record,
+        lambda: usage["completion_tokens"] if usage else count_tokens(text) if count_tokens else request.output_tokens,
+    )
+
+
+@contextmanager
+def _network_failures(record: RequestRecord) -> Iterator[None]:
+    """A timeout, a stream broken off mid-body or a lost connection is recorded by kind, never raised."""
+    try:
+        yield
     except TimeoutError:
         record.error = "timeout"
     except aiohttp.ClientPayloadError as exc:
         record.error, record.error_detail = "stream_broken", str(exc)
     except aiohttp.ClientConnectionError as exc:
         record.error, record.error_detail = "connection", str(exc)
+
+
+def _finished(record: RequestRecord, output_tokens: Callable[[], int]) -> RequestRecord:
     record.end = time.perf_counter()
     if record.ok and not record.chunk_times:
         record.error = "empty_stream"
     if record.ok:
-        text = "".join(pieces)
-        record.output_tokens = (
-            usage["completion_tokens"] if usage else count_tokens(text) if count_tokens else request.output_tokens
-        )
+        record.output_tokens = output_tokens()
     return record
 
 
