@@ -14,15 +14,16 @@ random ones of its architecture, or of Mistral-7B's shape with this tokenizer's 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
-import xgrammar
 from rich.table import Table
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -32,6 +33,7 @@ from model.guided import GuideCompiler
 from model.prompting import encode_chat, stop_token_ids
 from scripts.benchmarks.report import console, machine_info
 
+XGRAMMAR_VERSION = version("xgrammar")
 PROMPT = "Describe a city as JSON: its name, country, population, whether it is a capital, and three landmarks."
 SCHEMA = {
     "type": "object",
@@ -75,7 +77,8 @@ def load_model(plan: GuidedPlan, vocab_size: int) -> PreTrainedModel:
     else:
         from scripts.benchmarks.gpu import MISTRAL_7B  # the shape `bench gpu` measures
 
-        config = AutoConfig.from_pretrained(plan.model_dir) if plan.random_weights == "config" else MISTRAL_7B
+        shape = AutoConfig.from_pretrained(plan.model_dir) if plan.random_weights == "config" else MISTRAL_7B
+        config = copy.deepcopy(shape)
         config.vocab_size = max(config.vocab_size, vocab_size)
         torch.manual_seed(0)
         with torch.device(plan.device):
@@ -124,7 +127,7 @@ async def _timed(backend: TorchBackend, ids: list[int], params: SamplingParams) 
 
 
 def print_rows(rows: list[GuidedRow], plan: GuidedPlan) -> dict[str, Any]:
-    table = Table(title=f"structured output overhead, xgrammar {xgrammar.__version__}, {plan.device}")
+    table = Table(title=f"structured output overhead, xgrammar {XGRAMMAR_VERSION}, {plan.device}")
     for column in ("concurrency", "tokens", "constrained ms/token", "free ms/token", "overhead ms/token", "overhead"):
         table.add_column(column, justify="right")
     for row in rows:
@@ -138,7 +141,7 @@ def print_rows(rows: list[GuidedRow], plan: GuidedPlan) -> dict[str, Any]:
         )
     console.print(table)
     return {
-        "xgrammar": xgrammar.__version__,
+        "xgrammar": XGRAMMAR_VERSION,
         "device": plan.device,
         "weights": plan.random_weights or "pretrained",
         "machine": machine_info(),
