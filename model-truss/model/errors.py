@@ -8,10 +8,12 @@ from __future__ import annotations
 
 
 class ServingError(Exception):
-    """Base class; `status` is the HTTP status the client gets, `openai_type` the OpenAI error type."""
+    """Base class; `status` is the HTTP status the client gets, `openai_type` the OpenAI error type,
+    `headers` any headers the response must carry."""
 
     status: int = 500
     openai_type: str = "server_error"
+    headers: dict[str, str] = {}  # noqa: RUF012 - read-only class default
 
 
 class InvalidRequest(ServingError):
@@ -21,11 +23,45 @@ class InvalidRequest(ServingError):
     openai_type = "invalid_request_error"
 
 
+class PayloadTooLarge(ServingError):
+    """The request body is larger than `max_request_bytes`."""
+
+    status = 413
+    openai_type = "invalid_request_error"
+    headers = {"Connection": "close"}  # noqa: RUF012 - the rest of the body is not read, so the connection ends
+
+
+class Unauthorized(ServingError):
+    """An API key is configured and the request did not send it."""
+
+    status = 401
+    openai_type = "authentication_error"
+    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012
+
+
+class RouteNotFound(ServingError):
+    """A path this server does not serve."""
+
+    status = 404
+    openai_type = "invalid_request_error"
+
+
+class MethodNotAllowed(ServingError):
+    """A served path asked with the wrong method (e.g. GET on a POST route)."""
+
+    status = 405
+    openai_type = "invalid_request_error"
+
+
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a decode step frees slots in well under a second
+
+
 class EngineOverloaded(ServingError):
     """More requests in flight than the engine queues; the client should retry."""
 
     status = 429
     openai_type = "rate_limit_error"
+    headers = {"Retry-After": str(RETRY_AFTER_S)}  # noqa: RUF012
 
 
 class ClientDisconnected(ServingError):
@@ -38,6 +74,15 @@ class BackendError(ServingError):
     """Generation failed inside the engine for this request."""
 
     status = 500
+
+
+class InternalError(ServingError):
+    """A bug: anything unexpected. The client gets this fixed message, the log gets the traceback."""
+
+    status = 500
+
+    def __init__(self) -> None:
+        super().__init__("internal server error; the server log has the details")
 
 
 class ArtifactError(RuntimeError):

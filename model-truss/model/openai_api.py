@@ -80,8 +80,8 @@ async def completions(generator: TextGenerator, request: Request) -> Response:
 
 async def _serve(generator: TextGenerator, request: Request, kind: type[_OpenAIRequest]) -> Response:
     try:
-        openai_request, body = parse(await read_json(request), kind)
-        generation = await generator.start(parse_request({**body, "stream": openai_request.stream}))
+        openai_request, body = parse(await read_json(request, generator.settings.max_request_bytes), kind)
+        generation = await generator.start(parse_request({**body, "stream": openai_request.stream}), request)
         response = OpenAIResponse(openai_request, chat=kind is ChatCompletionRequest)
         if openai_request.stream:
             events = response.events(generation.stream(request), generation.result)

@@ -24,6 +24,8 @@ class RecordingBackend:
     check_supported = BatchingBackend.check_supported
     prepare = BatchingBackend.prepare
 
+    max_queued = 8
+
     def __init__(self, tokenizer, limits: Limits, fail_with: Exception | None = None) -> None:
         self.limits = limits
         self.answer = tokenizer("The mistral is a wind.", add_special_tokens=False).input_ids

@@ -151,6 +151,6 @@ def test_a_failing_prefill_fails_only_that_request(backend: TorchBackend, tokeni
         return (await healthy)[0], error
 
     tokens, error = asyncio.run(scenario())
-    assert error is not None and "injected prefill failure" in str(error)
+    assert error is not None and "injected" not in str(error)  # the client gets no internals
     assert tokens == _reference(backend, _ids(tokenizer, PROMPTS[2]), 12)
     assert backend.is_healthy()

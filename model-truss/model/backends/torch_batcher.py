@@ -16,8 +16,11 @@ Each `_step`:
 2. one decode forward for all rows ([B, 1] tokens, position = real tokens so far);
 3. each row samples with its own parameters and generator; tokens go to the row's stream;
    finished rows leave the batch and all-padding columns are trimmed.
-A failed prefill fails only the requests being admitted; a failed decode fails the running batch
-and the engine carries on with the next requests.
+Failures stay with the request that caused them: a row whose sampling fails (none should: scores
+are made finite, tiny temperatures decode greedily) fails alone; a prefill forward that fails for a
+group is retried request by request, so only the request that fails alone is failed. A decode forward
+is one computation for the whole batch, so its failure fails the running batch, and the engine
+carries on with the next requests.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from model.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 PREFILL_TOKEN_BUDGET = 16384  # prompt tokens prefilled in one forward; bounds activation memory
+FAILED = "generation failed for this request; the server log has the details"  # no internals to the client
 
 
 @dataclass
@@ -114,9 +118,9 @@ class TorchBackend(BatchingBackend):
         if self._rows:
             try:
                 self._decode()
-            except Exception as exc:  # the whole running batch shares this forward pass
+            except Exception:  # the whole running batch shares this forward pass
                 logger.exception("decode step failed for %d requests", len(self._rows))
-                self._fail_rows(BackendError(f"generation failed: {exc}"))
+                self._fail_rows(BackendError(FAILED))
 
     def _admit(self) -> None:
         free = self.limits.max_batch_size - len(self._rows)
@@ -132,10 +136,17 @@ class TorchBackend(BatchingBackend):
             return
         try:
             self._prefill(group)
-        except Exception as exc:  # only the requests being admitted took part in this forward
+        except Exception:  # only the requests being admitted took part in this forward
             logger.exception("prefill failed for %d requests", len(group))
-            for submission in group:
-                submission.stream.fail(BackendError(f"prefill failed: {exc}"))
+            if len(group) == 1:
+                group[0].stream.fail(BackendError(FAILED))
+                return
+            for submission in group:  # alone, so that only the request that fails by itself is failed
+                try:
+                    self._prefill([submission])
+                except Exception:
+                    logger.exception("prefill failed for request %d alone", submission.request_id)
+                    submission.stream.fail(BackendError(FAILED))
 
     def _prefill(self, group: list[Submission]) -> None:
         width = max(len(s.prompt_ids) for s in group)
@@ -155,9 +166,9 @@ class TorchBackend(BatchingBackend):
             logits_to_keep=1,
         )
         rows = [_make_row(s, self.device) for s in group]
-        tokens = self._sample(rows, out.logits[:, -1, :])
+        tokens, failed = self._sample(rows, out.logits[:, -1, :])
         self._merge(rows, cache, mask, tokens)
-        self._dispatch(len(self._rows) - len(rows), tokens)
+        self._dispatch(len(self._rows) - len(rows), tokens, failed)
 
     def _decode(self) -> None:
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
@@ -169,31 +180,34 @@ class TorchBackend(BatchingBackend):
             past_key_values=self._cache,
             use_cache=True,
         )
-        tokens = self._sample(self._rows, out.logits[:, -1, :])
-        self._dispatch(0, tokens)
+        tokens, failed = self._sample(self._rows, out.logits[:, -1, :])
+        self._dispatch(0, tokens, failed)
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        """[B, vocab] logits -> [B] token ids, each row with its own parameters."""
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, set[int]]:
+        """[B, vocab] logits -> [B] token ids, each row with its own parameters, and the rows that failed."""
         logits = logits.float()
         tokens = logits.argmax(dim=-1)
+        failed: set[int] = set()
         for i, row in enumerate(rows):
-            scores = (
-                row.processors(row.history(self.device), logits[i : i + 1]) if row.processors else logits[i : i + 1]
-            )
-            if row.generator is not None:
-                probs = torch.softmax(scores, dim=-1)
-                tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0, 0]
-            elif row.processors:
-                tokens[i] = scores.argmax(dim=-1)[0]
-        return tokens
+            if not row.processors:
+                continue
+            try:
+                tokens[i] = _sample_row(row, logits[i : i + 1], self.device)
+            except Exception:  # this row's own parameters: it fails alone
+                logger.exception("sampling failed for request %d", row.submission.request_id)
+                failed.add(i)
+        return tokens, failed
 
-    def _dispatch(self, first: int, tokens: torch.Tensor) -> None:
-        """Hand rows first.. their new token; retire finished rows from the batch."""
+    def _dispatch(self, first: int, tokens: torch.Tensor, failed: set[int]) -> None:
+        """Hand rows first.. their new token (rows in `failed`, offsets from `first`, fail); retire finished rows."""
         keep = list(range(first))
         for offset, token in enumerate(tokens.tolist()):
             index = first + offset
             row = self._rows[index]
             params = row.params
+            if offset in failed:
+                row.submission.stream.fail(BackendError(FAILED))
+                continue
             if token in self.stop_token_ids and not params.ignore_eos:
                 row.submission.stream.put((), "stop")
                 continue
@@ -253,6 +267,19 @@ class TorchBackend(BatchingBackend):
         for submission in self._waiting:
             submission.stream.fail(exc)
         self._waiting = []
+
+
+def _sample_row(row: _Row, logits: torch.Tensor, device: torch.device) -> int:
+    """[1, vocab] logits -> one token id. Scores are made finite first: an extreme (schema-valid) value such
+    as repetition_penalty=1e-300 overflows a score to inf, and inf - inf in softmax is NaN."""
+    scores = row.processors(row.history(device), logits)
+    scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max)
+    if row.generator is None:
+        return int(scores.argmax(dim=-1)[0])
+    probs = torch.softmax(scores, dim=-1)
+    if not bool(torch.isfinite(probs).all()):  # every score was -inf: nothing left to sample from
+        return int(torch.nan_to_num(logits, nan=-torch.inf).argmax(dim=-1)[0])
+    return int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
 
 
 def _make_row(submission: Submission, device: torch.device) -> _Row:
