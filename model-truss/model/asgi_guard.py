@@ -5,8 +5,8 @@ In order, for every HTTP request:
    readiness `/v1/models/model`, `/metrics`) needs `Authorization: Bearer <key>`, else 401.
 2. Body size: a declared Content-Length over `max_request_bytes` is a 413 before any of the body is
    read; a chunked body is counted while it is read and refused the same way once it passes the limit.
-   A body at most `LINGER_BYTES` over is read to its end first, so the client sees the 413 and the
-   connection stays usable; a larger one is cut off (the 413 says `Connection: close`).
+   A body at most `LINGER_BYTES` over is read to its end first, so that a client still sending it
+   reads the 413 rather than a reset connection; either way the 413 says `Connection: close`.
 3. A barrier around the application: an exception before the response started becomes a fixed 500
    JSON body (never a traceback or an exception's class); one after the response started (a stream
    that failed mid-way) ends the connection without the final chunk, the documented failure signal of

@@ -13,7 +13,7 @@ class ServingError(Exception):
 
     status: int = 500
     openai_type: str = "server_error"
-    headers: dict[str, str] = {}  # noqa: RUF012 - read-only class default
+    headers: dict[str, str] = {}
 
 
 class InvalidRequest(ServingError):
@@ -28,7 +28,7 @@ class PayloadTooLarge(ServingError):
 
     status = 413
     openai_type = "invalid_request_error"
-    headers = {"Connection": "close"}  # noqa: RUF012 - the rest of the body is not read, so the connection ends
+    headers = {"Connection": "close"}
 
 
 class Unauthorized(ServingError):
@@ -36,7 +36,7 @@ class Unauthorized(ServingError):
 
     status = 401
     openai_type = "authentication_error"
-    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class RouteNotFound(ServingError):
@@ -61,7 +61,7 @@ class EngineOverloaded(ServingError):
 
     status = 429
     openai_type = "rate_limit_error"
-    headers = {"Retry-After": str(RETRY_AFTER_S)}  # noqa: RUF012
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
 
 
 class ClientDisconnected(ServingError):
