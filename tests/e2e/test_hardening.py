@@ -8,32 +8,15 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.e2e.conftest import Server, launch
+from tests.e2e.conftest import API_KEY, AUTH, MAX_BYTES, Server, launch
 
-API_KEY = "test-key-7f3a"
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-MAX_BYTES = 65536
-GUARDED_ENV = {
-    "TRUSS_SECRET_llm_api_key": API_KEY,  # how truss reads a secret outside a pod
-    "LLM_MAX_BATCH_SIZE": "2",  # a queue of 4: overload is cheap to reach
-    "LLM_MAX_NEW_TOKENS_LIMIT": "8",
-    "LLM_DEFAULT_MAX_NEW_TOKENS": "8",
-    "LLM_MAX_REQUEST_BYTES": str(MAX_BYTES),
-}
 SECRET_PROMPT = "zebra-quartz-prompt-marker"
-
-
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Iterator[Server]:
-    with launch(tmp_path_factory.mktemp("guarded"), GUARDED_ENV) as (server, _):
-        yield server
 
 
 def _post(server: Server, path: str, session: requests.Session | None = None, **kwargs) -> requests.Response:
@@ -123,7 +106,7 @@ def test_routes_we_do_not_serve_are_closed(guarded: Server, method: str, path: s
 
 def test_overload_gets_429_with_retry_after_fast_and_every_200_is_whole(guarded: Server) -> None:
     """Ten times the queue at once on /predict: the excess is refused at once, nothing admitted is lost."""
-    body = {"prompt": "Count from one to ten.", "max_new_tokens": 8, "ignore_eos": True}
+    body = {"prompt": "Count from one to ten.", "max_new_tokens": 4, "ignore_eos": True}
     expected = _post(guarded, "/v1/models/model:predict", json=body).json()["output"]
 
     def one(_: int) -> tuple[int, float, dict, str]:
