@@ -249,3 +249,16 @@ def test_a_prompt_too_long_to_fit_is_refused_without_tokenizing(tokenizer, monke
     response, body = _predict(model, {"prompt": "x" * (100 * encoder.max_token_chars + 1)})
     assert response.status_code == 400 and "Shorten the prompt" in json.loads(body)["error"]
     assert backend.seen == []
+
+
+def test_a_predict_concurrency_that_could_queue_in_truss_is_refused(tokenizer) -> None:
+    from model.settings import SettingsError
+
+    backend = RecordingBackend(tokenizer, Limits(100, 200, 50, 4))
+    with pytest.raises(SettingsError, match="predict_concurrency"):
+        Model(config={"runtime": {"predict_concurrency": 2 * backend.max_queued}})._check_predict_concurrency(
+            backend  # type: ignore[arg-type]
+        )
+    Model(config={"runtime": {"predict_concurrency": 2 * backend.max_queued + 1}})._check_predict_concurrency(
+        backend  # type: ignore[arg-type]
+    )
