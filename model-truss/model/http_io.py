@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Any
 
 from starlette.requests import Request
@@ -54,7 +55,12 @@ def parse_json(raw: bytes) -> Any:
         raise InvalidRequest(f"Invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise InvalidRequest(f"Invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels; flatten the body") from None
-    except ValueError as exc:  # an integer literal longer than Python converts, or NaN/Infinity
+    except ValueError as exc:  # an integer literal longer than Python converts, or NaN/Infinity (_refuse_constant)
+        if "integer string conversion" in str(exc):
+            digits = sys.get_int_max_str_digits()
+            raise InvalidRequest(
+                f"Invalid JSON: an integer has more than {digits} digits; send a smaller number"
+            ) from None
         raise InvalidRequest(f"Invalid JSON: {exc}") from None
     _check_strings_and_depth(value)
     return value

@@ -55,7 +55,7 @@ class PromptEncoder:
         prompt is sent as one user turn whenever the tokenizer has a chat template.
         """
         if request.prompt is not None and not self.chat:
-            return self._markup.encode(request.prompt).ids
+            return _encode(self._markup, request.prompt, add_special_tokens=True)
         if not self.tokenizer.chat_template:
             raise InvalidRequest("this model has no chat template, so 'messages' cannot be rendered; send 'prompt'")
         if request.prompt is not None:
@@ -77,15 +77,15 @@ class PromptEncoder:
         ids: list[int] = []
         for k, part in enumerate(parts):
             if k % 2:
-                ids += self._text.encode(contents[int(part)], add_special_tokens=False).ids
+                ids += _encode(self._text, contents[int(part)])
             elif part:
-                ids += self._markup.encode(part, add_special_tokens=False).ids
+                ids += _encode(self._markup, part)
         return ids
 
     def _checked(self, rendered: str, stand_ins: list[dict[str, Any]]) -> list[int]:
         """The whole rendering, tokenized at once, if its content added no special token to the template's own."""
-        ids = self._markup.encode(rendered, add_special_tokens=False).ids
-        markup = self._markup.encode(self._template(stand_ins), add_special_tokens=False).ids
+        ids = _encode(self._markup, rendered)
+        markup = _encode(self._markup, self._template(stand_ins))
         if self._count_special(ids) > self._count_special(markup):
             raise InvalidRequest(
                 "a message's content contains a special token of this model (such as "
@@ -99,6 +99,11 @@ class PromptEncoder:
     def _template(self, messages: list[dict[str, Any]]) -> str:
         # Rendered to text: the template writes its own special tokens, so none are added twice.
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    """`encode_batch`, not `encode`: only the batch call lets go of the GIL, so the event loop runs meanwhile."""
+    return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
 
 @functools.lru_cache(maxsize=8)

@@ -18,7 +18,10 @@ from tests.unit.test_model import http_request
         (b'{"prompt": "\xff"}', "not UTF-8 text (byte 12)"),
         (b"[" * 100_000, "nested deeper than"),
         (b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1), f"nested deeper than {MAX_JSON_DEPTH} levels"),
-        (b'{"prompt": "hi", "seed": ' + b"9" * 5000 + b"}", "Exceeds the limit (4300 digits)"),
+        (
+            b'{"prompt": "hi", "seed": ' + b"9" * 5000 + b"}",
+            "an integer has more than 4300 digits; send a smaller number",
+        ),
         (b'{"prompt": "hi", "temperature": NaN}', "NaN is not a JSON number"),
         (b'{"prompt": "hi", "temperature": -Infinity}', "-Infinity is not a JSON number"),
         (b'{"prompt": "hi \\ud800 there"}', "prompt: a lone UTF-16 surrogate (\\ud800) at character 3"),
