@@ -1,6 +1,7 @@
 """What any engine must guarantee: one request's values or failure never touch another's tokens.
 
-In process against the backend (the torch engine here; a new engine adds its fixture to ENGINES). A
+In process against the `backend` fixture (tests/unit/conftest.py: the torch engine; a new engine points
+it at itself). A
 "poisoned" request carries extreme values the request schema accepts; batched with innocent greedy
 requests, every innocent one must produce exactly its solo tokens and the poisoned one must not fail.
 """
@@ -8,17 +9,12 @@ requests, every innocent one must produce exactly its solo tokens and the poison
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from model.artifacts import Artifacts
 from model.backends import torch_batcher
 from model.backends.base import BatchingBackend, SamplingParams
-from model.backends.torch_batcher import TorchBackend
 from model.errors import BackendError
-from model.settings import load_settings
 
 INNOCENT_PROMPTS = ["The capital of France is", "1, 2, 3,", "Write a haiku about the sea:"]
 INNOCENT = SamplingParams(max_new_tokens=10, ignore_eos=True)
@@ -31,15 +27,6 @@ POISONS = {
     "max-temperature-tiny-top-p": SamplingParams(max_new_tokens=10, temperature=2.0, top_p=1e-300, seed=2),
     "huge-top-k-huge-seed": SamplingParams(max_new_tokens=10, temperature=2.0, top_k=10**12, seed=2**63 - 1),
 }
-
-
-@pytest.fixture(scope="module")
-def backend(embedded_dir: Path, tokenizer) -> Iterator[BatchingBackend]:
-    settings = load_settings({"device": "cpu", "max_batch_size": 8}, environ={})
-    engine = TorchBackend.load(settings, Artifacts(embedded_dir, embedded_dir), tokenizer)
-    engine.start()
-    yield engine
-    engine.shutdown()
 
 
 async def _collect(backend: BatchingBackend, ids: list[int], params: SamplingParams) -> list[int] | BaseException:
