@@ -1,9 +1,9 @@
 """What any engine must guarantee: one request's values or failure never touch another's tokens.
 
 In process against the `backend` fixture (tests/unit/conftest.py: the torch engine; a new engine points
-it at itself). A
-"poisoned" request carries extreme values the request schema accepts; batched with innocent greedy
-requests, every innocent one must produce exactly its solo tokens and the poisoned one must not fail.
+it at itself). A "poisoned" request carries extreme values the request schema accepts; batched with
+innocent greedy requests, every innocent one must produce exactly its solo tokens and the poisoned one
+must not fail.
 """
 
 from __future__ import annotations
