@@ -9,11 +9,13 @@ from __future__ import annotations
 
 class ServingError(Exception):
     """Base class; `status` is the HTTP status the client gets, `openai_type` / `openai_code` OpenAI's error type
-    and code. `param` names the request field at fault where it is known (OpenAI's `error.param`)."""
+    and code, `headers` any headers the response must carry. `param` names the request field at fault where it
+    is known (OpenAI's `error.param`)."""
 
     status: int = 500
     openai_type: str = "server_error"
     openai_code: str | None = None
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -30,11 +32,37 @@ class InvalidRequest(ServingError):
 
 
 class NotFound(ServingError):
-    """The request names something this server does not have (a model id on `/v1/models/{id}`)."""
+    """The request names something this server does not have: a route, or a model id on `/v1/models/{id}`."""
 
     status = 404
     openai_type = "invalid_request_error"
     openai_code = "not_found"
+
+
+class PayloadTooLarge(ServingError):
+    """The request body is larger than `max_request_bytes`."""
+
+    status = 413
+    openai_type = "invalid_request_error"
+    headers = {"Connection": "close"}
+
+
+class Unauthorized(ServingError):
+    """An API key is configured and the request did not send it."""
+
+    status = 401
+    openai_type = "authentication_error"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class MethodNotAllowed(ServingError):
+    """A served path asked with the wrong method (e.g. GET on a POST route)."""
+
+    status = 405
+    openai_type = "invalid_request_error"
+
+
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait: a decode step frees slots in well under a second
 
 
 class EngineOverloaded(ServingError):
@@ -43,6 +71,7 @@ class EngineOverloaded(ServingError):
     status = 429
     openai_type = "rate_limit_error"
     openai_code = "rate_limit_exceeded"
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
 
 
 class ClientDisconnected(ServingError):
@@ -55,6 +84,15 @@ class BackendError(ServingError):
     """Generation failed inside the engine for this request."""
 
     status = 500
+
+
+class InternalError(ServingError):
+    """A bug: anything unexpected. The client gets this fixed message, the log gets the traceback."""
+
+    status = 500
+
+    def __init__(self) -> None:
+        super().__init__("internal server error; the server log has the details")
 
 
 class ArtifactError(RuntimeError):

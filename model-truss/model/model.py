@@ -31,7 +31,7 @@ from model.generation import TextGenerator
 from model.openai_api.models import served_model_name
 from model.openai_api.routes import OpenAIRoutes
 from model.schema import parse_request
-from model.settings import load_settings
+from model.settings import SettingsError, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class Model:
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(artifacts.tokenizer_dir)
         self.backend = load_backend(self.settings, artifacts, tokenizer, fetch)
         atexit.register(self.backend.shutdown)
+        self._check_predict_concurrency(self.backend)
         metrics.track_backend(self.backend)
         self.generator = TextGenerator(self.backend, tokenizer, self.settings)
         self.openai = OpenAIRoutes(self.generator, served_model_name(self.settings))
@@ -66,7 +67,24 @@ class Model:
             logger.info("warm-up generation took %.0f ms", 1000 * (time.perf_counter() - started))
 
     def is_healthy(self) -> bool:
-        return self.backend is not None and self.backend.is_healthy()
+        """Readiness (and liveness): False until loaded, and while the engine thread is dead or wedged."""
+        if self.backend is None or not self.backend.is_healthy():
+            return False
+        stalled = self.backend.stalled_s()
+        if stalled > self.settings.engine_stall_timeout_s:
+            logger.error("the engine has not finished a step for %.0f s; reporting unhealthy", stalled)
+            return False
+        return True
+
+    def _check_predict_concurrency(self, backend: BatchingBackend) -> None:
+        """truss's /predict semaphore queues without bound once full: it must never fill before the engine's queue."""
+        concurrency = int((self._config.get("runtime") or {}).get("predict_concurrency", 1))
+        if concurrency <= 2 * backend.max_queued:
+            raise SettingsError(
+                f"runtime.predict_concurrency ({concurrency}) must exceed twice the engine's queue "
+                f"({backend.max_queued} = 2 x max_batch_size), or /predict requests wait in truss without bound "
+                "instead of getting a 429; raise it in config.yaml"
+            )
 
     async def predict(self, request: Request) -> Response:
         """This server's API: `{"output", "finish_reason", "usage"}`, or a stream of text pieces."""
@@ -91,8 +109,7 @@ class Model:
     async def _warm_up(self) -> None:
         """One generation through the whole path, without HTTP."""
         generation = await self._generator().start(parse_request(WARMUP_REQUEST))
-        async for _ in generation.pieces:
-            pass
+        await generation.complete()
 
     def _hf_token(self) -> str | None:
         try:

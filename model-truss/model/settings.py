@@ -96,6 +96,29 @@ class ServerSettings(BaseModel):
 
     warmup: bool = True
 
+    # HTTP hardening (model/http_io.py, model/server_app.py).
+    max_request_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted, in bytes; a larger one gets a 413 before it is read.",
+    )
+    api_key_secret: str = Field(
+        default="llm_api_key",
+        description="Name of the Truss secret holding the API key; missing or empty turns authentication off.",
+    )
+    drain_timeout_s: float = Field(
+        default=240.0,
+        gt=0.0,
+        description="On SIGTERM, how long in-flight requests may run on before they are ended; keep it below the "
+        "pod's terminationGracePeriodSeconds.",
+    )
+    engine_stall_timeout_s: float = Field(
+        default=300.0,
+        gt=0.0,
+        description="An engine thread that has work and has not finished a step for this long is reported "
+        "unhealthy (readiness 503), so a wedged engine is noticed.",
+    )
+
     @model_validator(mode="after")
     def _check_token_limits(self) -> ServerSettings:
         if self.default_max_new_tokens > self.max_new_tokens_limit:

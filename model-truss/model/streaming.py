@@ -3,7 +3,9 @@
 `generate_text` is the only path from a backend's token stream to text. The non-streaming
 response is the concatenation of exactly the pieces a stream would carry, so the two can
 never disagree. Guarantees:
-- a piece never ends inside a multi-byte character (no U+FFFD halves reach the client);
+- a piece never ends inside a multi-byte character (no U+FFFD halves reach the client), and a
+  generation that stops inside one (a length stop after its first byte) ends at the last whole
+  character: the incomplete one is dropped, not sent as U+FFFD (its tokens still count in usage);
 - a stop string is found even when it spans two pieces; it is not included in the output,
   and generation is cancelled in the engine as soon as it is seen;
 - usage counts the prompt and every token the engine generated for this request.
@@ -46,11 +48,16 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """At the end, whatever is still held back (e.g. a truncated character) goes out as is."""
+        """At the end, what is still held back, less the U+FFFD an incomplete last character decodes to.
+
+        Held-back text always ends in U+FFFD (that is why it was held), so a replacement character the
+        model generated itself as its very last character is dropped too: the rare price of never
+        inventing one.
+        """
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full_text = self._decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)
-        return full_text[len(prefix_text) :]
+        return full_text[len(prefix_text) :].rstrip(REPLACEMENT_CHAR)
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -17,6 +18,19 @@ import requests
 from tests.conftest import MODEL_CACHE, REPO_ROOT
 
 STARTUP_TIMEOUT_S = 600
+API_KEY = "test-key-7f3a"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_BYTES = 65536
+# The "guarded" server: an API key, a small body limit, a queue of 4 (max_batch_size 2) so overload is
+# cheap to reach, and short prompts and outputs so a fuzz's valid requests stay quick.
+GUARDED_ENV = {
+    "TRUSS_SECRET_llm_api_key": API_KEY,  # how truss reads a secret outside a pod
+    "LLM_MAX_BATCH_SIZE": "2",
+    "LLM_MAX_INPUT_LEN": "512",
+    "LLM_MAX_NEW_TOKENS_LIMIT": "4",
+    "LLM_DEFAULT_MAX_NEW_TOKENS": "2",
+    "LLM_MAX_REQUEST_BYTES": str(MAX_BYTES),
+}
 
 
 @dataclass
@@ -45,18 +59,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Iterator[Server]:
-    """Started once; records every readiness status it saw until the model was ready."""
+@contextlib.contextmanager
+def launch(run_dir: Path, env: dict[str, str] | None = None) -> Iterator[tuple[Server, subprocess.Popen]]:
+    """`main.py serve` with these extra environment variables, once ready; stopped on exit."""
     port = _free_port()
-    run_dir = tmp_path_factory.mktemp("serve")
     log = run_dir / "server.log"
-    env = {**os.environ, "LLM_CACHE_DIR": str(MODEL_CACHE)}
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "main.py", "serve", "--port", str(port), "--run-dir", str(run_dir / "app")],
             cwd=REPO_ROOT,
-            env=env,
+            env={**os.environ, "LLM_CACHE_DIR": str(MODEL_CACHE), **(env or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -76,10 +88,23 @@ def server(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Iter
             except requests.ConnectionError:
                 pass
             time.sleep(0.1)
-        yield server
+        yield server, process
     finally:
         process.terminate()
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Iterator[Server]:
+    """Started once; records every readiness status it saw until the model was ready."""
+    with launch(tmp_path_factory.mktemp("serve")) as (server, _):
+        yield server
+
+
+@pytest.fixture(scope="session")
+def guarded(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Iterator[Server]:
+    with launch(tmp_path_factory.mktemp("guarded"), GUARDED_ENV) as (server, _):
+        yield server

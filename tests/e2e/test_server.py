@@ -182,3 +182,23 @@ def test_local_serve_listens_on_loopback_only(server: Server) -> None:
     port = int(server.url.rsplit(":", 1)[1])
     with pytest.raises(OSError), socket.create_connection((outward, port), timeout=5):
         pass
+
+
+POISONED = [
+    {"temperature": 9e-38},
+    {"temperature": 1.0, "repetition_penalty": 1e-300, "seed": 3},
+    {"temperature": 2.0, "top_p": 1e-300, "top_k": 10**12},
+]
+
+
+def test_poisoned_requests_leave_batched_neighbours_byte_identical(server: Server) -> None:
+    """Extreme (schema-valid) sampling values batched with innocent streams: every stream is whole and equal
+    to its solo output, and the poisoned requests themselves succeed."""
+    innocent = [{"prompt": f"Name {n} colours.", "max_new_tokens": 16, "ignore_eos": True} for n in (2, 3, 4)]
+    solo = ["".join(_stream(server, body)[0]) for body in innocent]
+    poisoned = [{"prompt": "Tell me a story.", "max_new_tokens": 16, **values} for values in POISONED]
+    with ThreadPoolExecutor(len(innocent) + len(poisoned)) as pool:
+        streams = [pool.submit(lambda b=body: "".join(_stream(server, b)[0])) for body in innocent]
+        others = [pool.submit(server.predict, body) for body in poisoned]
+        assert [s.result() for s in streams] == solo
+        assert [o.result().status_code for o in others] == [200] * len(poisoned)

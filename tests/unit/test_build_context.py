@@ -118,7 +118,7 @@ def test_no_secret_value_reaches_the_context(context: Path) -> None:
     assert len(files) > 20
     assert not [p for p in files if TOKEN.encode() in p.read_bytes()]
     built = yaml.safe_load((context / "config.yaml").read_text())
-    assert built["secrets"] == {"hf_access_token": None}
+    assert built["secrets"] == {"hf_access_token": None, "llm_api_key": None}
 
 
 # -- config.yaml as `truss push` sees it ---------------------------------------------------------------

@@ -29,12 +29,31 @@ def test_detokenized_pieces_join_to_the_full_decode(tokenizer, step: int) -> Non
     assert "" in pieces[:-1]
 
 
-def test_a_truncated_character_is_flushed_at_the_end(tokenizer) -> None:
-    ids = tokenizer("🤖", add_special_tokens=False).input_ids
-    assert len(ids) > 1
+def test_a_truncated_character_at_the_end_is_dropped_not_replaced(tokenizer) -> None:
+    ids = tokenizer("ok 🤖", add_special_tokens=False).input_ids
+    robot = tokenizer("🤖", add_special_tokens=False).input_ids
+    assert len(robot) > 1 and tokenizer.decode(ids[:-1]).endswith("\ufffd")
     detokenizer = IncrementalDetokenizer(tokenizer)
-    assert detokenizer.add(ids[:1]) == ""
-    assert detokenizer.flush() == tokenizer.decode(ids[:1])
+    emitted = detokenizer.add(ids[:-1])  # a length stop inside the robot's bytes
+    assert emitted + detokenizer.flush() == "ok "
+
+
+def test_a_length_stop_inside_a_character_ends_without_a_replacement_character(tokenizer) -> None:
+    ids = tokenizer("ok 🤖", add_special_tokens=False).input_ids
+
+    async def chunks() -> AsyncGenerator[TokenChunk, None]:
+        for token in ids[:-2]:
+            yield TokenChunk((token,))
+        yield TokenChunk((ids[-2],), "length")
+
+    result = GenerationResult(prompt_tokens=1)
+
+    async def run() -> list[str]:
+        return [piece async for piece in generate_text(chunks(), tokenizer, [], result)]
+
+    pieces = asyncio.run(run())
+    assert "".join(pieces) == result.text == "ok "
+    assert result.completion_tokens == len(ids) - 1 and result.finish_reason == "length"
 
 
 @pytest.mark.parametrize(

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 import torch
 
-from model.artifacts import Artifacts
 from model.backends.base import SamplingParams
 from model.backends.torch_batcher import TorchBackend
 from model.errors import BackendError
-from model.settings import load_settings
 
 PROMPTS = [
     "The capital of France is",
@@ -21,15 +16,6 @@ PROMPTS = [
     "1, 2, 3,",
     "A mistral is a strong, cold wind that blows through the Rhone valley. Describe its effect on farming:",
 ]
-
-
-@pytest.fixture(scope="module")
-def backend(embedded_dir: Path, tokenizer) -> Iterator[TorchBackend]:
-    settings = load_settings({"device": "cpu", "max_batch_size": 8}, environ={})
-    engine = TorchBackend.load(settings, Artifacts(embedded_dir, embedded_dir), tokenizer)
-    engine.start()
-    yield engine
-    engine.shutdown()
 
 
 def _ids(tokenizer, prompt: str) -> list[int]:
@@ -151,6 +137,6 @@ def test_a_failing_prefill_fails_only_that_request(backend: TorchBackend, tokeni
         return (await healthy)[0], error
 
     tokens, error = asyncio.run(scenario())
-    assert error is not None and "injected prefill failure" in str(error)
+    assert error is not None and "injected" not in str(error)  # the client gets no internals
     assert tokens == _reference(backend, _ids(tokenizer, PROMPTS[2]), 12)
     assert backend.is_healthy()

@@ -26,6 +26,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ FinishReason = Literal["stop", "length"]
 
 GuideKind = Literal["json_object", "json_schema", "regex", "grammar"]
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs; backends must support 0..MAX_TOP_LOGPROBS
+# Temperatures below this decode greedily (vLLM's _SAMPLING_EPS): dividing logits by a tinier one
+# overflows to inf/NaN, and the distribution is already one-hot at float precision.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ class SamplingParams:
     """Per-request decoding controls; validated by `model/schema.py` before they get here."""
 
     max_new_tokens: int
-    temperature: float = 0.0  # 0 means greedy
+    temperature: float = 0.0  # 0 (anything below GREEDY_TEMPERATURE) means greedy
     top_k: int = 0  # 0 means no top-k filter
     top_p: float = 1.0  # 1 means no nucleus filter
     repetition_penalty: float = 1.0  # HF/CTRL style: divides positive logits of seen tokens (prompt + output)
@@ -93,7 +97,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 @dataclass(frozen=True)
@@ -228,13 +232,14 @@ class BatchingBackend(ABC):
         self._fatal: BaseException | None = None
         self._in_flight = 0
         self._lock = threading.Lock()  # guards _in_flight only; generation never waits on it
+        self._step_started: float | None = None  # monotonic time the running `_step` began; None between steps
 
     # -- consumer side (event loop) -------------------------------------------------------
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenChunk]:
         """Yield this request's new tokens; closing the iterator early cancels it in the engine."""
         if self._fatal is not None:
-            raise BackendError(f"{self.name} engine stopped: {self._fatal}")
+            raise BackendError(f"the {self.name} engine stopped; the server log has the details")
         with self._lock:
             if self._in_flight >= self.max_queued:
                 raise EngineOverloaded(
@@ -280,6 +285,11 @@ class BatchingBackend(ABC):
     def is_healthy(self) -> bool:
         return self._fatal is None and self._thread is not None and self._thread.is_alive()
 
+    def stalled_s(self) -> float:
+        """Seconds the engine thread has been inside its current step (0 between steps): a wedged engine grows it."""
+        started = self._step_started
+        return 0.0 if started is None else time.monotonic() - started
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -304,13 +314,16 @@ class BatchingBackend(ABC):
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
+                self._step_started = time.monotonic()
                 self._step(new, cancelled)
+                self._step_started = None
         except BaseException as exc:  # the engine itself broke: fail everything, report unhealthy
             logger.exception("%s engine thread crashed", self.name)
             self._fatal = exc
-            self._fail_all(BackendError(f"{self.name} engine crashed: {exc}"))
+            error = BackendError(f"the {self.name} engine stopped; the server log has the details")
+            self._fail_all(error)
             for submission in _drain(self._inbox):
-                submission.stream.fail(BackendError(f"{self.name} engine crashed: {exc}"))
+                submission.stream.fail(error)
 
     @abstractmethod
     def _has_work(self) -> bool:

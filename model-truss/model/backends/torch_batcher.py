@@ -18,8 +18,11 @@ Each `_step`:
    frequency, min_tokens), then the structured-output mask of a guided row (model/guided.py), then
    temperature / top-k / top-p; logprobs come from the raw logits, before any of these. Tokens go to the
    row's stream; finished rows leave the batch and all-padding columns are trimmed.
-A failed prefill fails only the requests being admitted; a failed decode fails the running batch
-and the engine carries on with the next requests.
+Failures stay with the request that caused them: a row whose sampling fails (none should: scores
+are made finite, tiny temperatures decode greedily) fails alone; a prefill forward that fails for a
+group is retried request by request, so only the request that fails alone is failed. A decode forward
+is one computation for the whole batch, so its failure fails the running batch, and the engine
+carries on with the next requests.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from model.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 PREFILL_TOKEN_BUDGET = 16384  # prompt tokens prefilled in one forward; bounds activation memory
+FAILED = "generation failed for this request; the server log has the details"  # no internals to the client
 
 
 @dataclass
@@ -163,9 +167,9 @@ class TorchBackend(BatchingBackend):
         if self._rows:
             try:
                 self._decode()
-            except Exception as exc:  # the whole running batch shares this forward pass
+            except Exception:  # the whole running batch shares this forward pass
                 logger.exception("decode step failed for %d requests", len(self._rows))
-                self._fail_rows(BackendError(f"generation failed: {exc}"))
+                self._fail_rows(BackendError(FAILED))
 
     def _admit(self) -> None:
         free = self.limits.max_batch_size - len(self._rows)
@@ -181,10 +185,17 @@ class TorchBackend(BatchingBackend):
             return
         try:
             self._prefill(group)
-        except Exception as exc:  # only the requests being admitted took part in this forward
+        except Exception:  # only the requests being admitted took part in this forward
             logger.exception("prefill failed for %d requests", len(group))
-            for submission in group:
-                submission.stream.fail(BackendError(f"prefill failed: {exc}"))
+            if len(group) == 1:
+                group[0].stream.fail(BackendError(FAILED))
+                return
+            for submission in group:  # alone, so that only the request that fails by itself is failed
+                try:
+                    self._prefill([submission])
+                except Exception:
+                    logger.exception("prefill failed for request %d alone", submission.request_id)
+                    submission.stream.fail(BackendError(FAILED))
 
     def _prefill(self, group: list[Submission]) -> None:
         width = max(len(s.prompt_ids) for s in group)
@@ -204,9 +215,9 @@ class TorchBackend(BatchingBackend):
             logits_to_keep=1,
         )
         rows = [_make_row(s, self.device, self.guides, self.stop_token_ids) for s in group]
-        tokens, logprobs = self._sample(rows, out.logits[:, -1, :])
+        tokens, logprobs, failed = self._sample(rows, out.logits[:, -1, :])
         self._merge(rows, cache, mask, tokens)
-        self._dispatch(len(self._rows) - len(rows), tokens, logprobs)
+        self._dispatch(len(self._rows) - len(rows), tokens, logprobs, failed)
 
     def _decode(self) -> None:
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)
@@ -218,42 +229,62 @@ class TorchBackend(BatchingBackend):
             past_key_values=self._cache,
             use_cache=True,
         )
-        tokens, logprobs = self._sample(self._rows, out.logits[:, -1, :])
-        self._dispatch(0, tokens, logprobs)
+        tokens, logprobs, failed = self._sample(self._rows, out.logits[:, -1, :])
+        self._dispatch(0, tokens, logprobs, failed)
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
-        """[B, vocab] logits -> [B] token ids, each row with its own parameters, and the rows' logprobs if asked."""
+    def _sample(
+        self, rows: list[_Row], logits: torch.Tensor
+    ) -> tuple[torch.Tensor, list[TokenLogprob | None], set[int]]:
+        """[B, vocab] logits -> [B] token ids, each row with its own parameters; the rows' logprobs if asked, and
+        the rows whose own sampling failed (they fail alone)."""
         logits = logits.float()
         # Raw log-probabilities [vocab] of the rows that asked, before penalties, mask and temperature change logits.
         raw = {i: torch.log_softmax(logits[i], dim=-1) for i, row in enumerate(rows) if row.params.logprobs is not None}
         bitmask = allocate_bitmask(len(rows), logits.shape[-1]) if any(row.guide for row in rows) else None
         tokens = logits.argmax(dim=-1)
+        failed: set[int] = set()
         for i, row in enumerate(rows):
-            scores = logits[i : i + 1]  # [1, vocab]
-            history = row.history(self.device) if row.penalties or row.warpers else None
-            if row.penalties:
-                scores = row.penalties(history, scores)
-            if row.guide is not None and bitmask is not None:
-                row.guide.fill_next_token_bitmask(bitmask, i)
-                scores = scores.clone()
-                apply_bitmask(scores, bitmask[i : i + 1])
-            if row.generator is not None:
-                probs = torch.softmax(row.warpers(history, scores), dim=-1)
-                tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0, 0]
-            elif row.penalties or row.guide is not None:
-                tokens[i] = scores.argmax(dim=-1)[0]
+            if not (row.penalties or row.guide is not None or row.generator is not None):
+                continue
+            try:
+                tokens[i] = self._sample_row(row, logits[i : i + 1], bitmask, i)
+            except Exception:  # this row's own parameters: it fails alone
+                logger.exception("sampling failed for request %d", row.submission.request_id)
+                failed.add(i)
         chosen = tokens.tolist()
         logprobs = [_logprob(raw[i], chosen[i], r.params.logprobs) if i in raw else None for i, r in enumerate(rows)]
-        return tokens, logprobs
+        return tokens, logprobs, failed
 
-    def _dispatch(self, first: int, tokens: torch.Tensor, logprobs: list[TokenLogprob | None]) -> None:
-        """Hand rows first.. their new token; retire finished rows from the batch."""
+    def _sample_row(self, row: _Row, logits: torch.Tensor, bitmask: torch.Tensor | None, index: int) -> int:
+        """[1, vocab] logits -> one token id. Scores are made finite after the penalties: an extreme (schema-valid)
+        value such as repetition_penalty=1e-300 overflows a score to inf, and inf - inf in softmax is NaN."""
+        history = row.history(self.device) if row.penalties or row.warpers else None
+        scores = row.penalties(history, logits) if row.penalties else logits
+        scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max)
+        if row.guide is not None and bitmask is not None:
+            row.guide.fill_next_token_bitmask(bitmask, index)
+            scores = scores.clone()
+            apply_bitmask(scores, bitmask[index : index + 1])
+        if row.generator is None:
+            return int(scores.argmax(dim=-1)[0])
+        probs = torch.softmax(row.warpers(history, scores), dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # every score was -inf: nothing left to sample from
+            return int(scores.argmax(dim=-1)[0])
+        return int(torch.multinomial(probs, 1, generator=row.generator)[0, 0])
+
+    def _dispatch(
+        self, first: int, tokens: torch.Tensor, logprobs: list[TokenLogprob | None], failed: set[int]
+    ) -> None:
+        """Hand rows first.. their new token (rows in `failed`, offsets from `first`, fail); retire finished rows."""
         keep = list(range(first))
         for offset, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs, strict=True)):
             index = first + offset
             row = self._rows[index]
             params = row.params
             stream = row.submission.stream
+            if offset in failed:
+                stream.fail(BackendError(FAILED))
+                continue
             if token in self.stop_token_ids and not params.ignore_eos:
                 stream.put((), "stop")
                 continue

@@ -7,6 +7,7 @@ string is written as Python writes it (`{'a': 1}`). Image, audio and file parts 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -14,17 +15,22 @@ from transformers import PreTrainedTokenizerBase
 from model.errors import InvalidRequest
 from model.openai_api.requests import ChatCompletionRequest
 from model.openai_api.tools import fallback_messages, json_or_text, template_takes_tools, tools_for_template
-from model.prompting import encode_chat
+from model.prompting import prompt_encoder
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def encode_messages(tokenizer: PreTrainedTokenizerBase, request: ChatCompletionRequest) -> list[int]:
+def encode_messages(
+    tokenizer: PreTrainedTokenizerBase, request: ChatCompletionRequest, check_chars: Callable[[int], None]
+) -> list[int]:
+    """The prompt ids; `check_chars` first refuses content too long to fit, without tokenizing it."""
     messages = [_message(i, m) for i, m in enumerate(request.messages)]
+    check_chars(sum(len(m["content"]) for m in messages))
     offered = request.tools if request.uses_tools else None
+    encoder = prompt_encoder(tokenizer, "chat")  # content is tokenized as text: no special tokens from users
     if template_takes_tools(tokenizer.chat_template):
-        return encode_chat(tokenizer, [_for_template(m) for m in messages], tools_for_template(offered or []) or None)
-    return encode_chat(tokenizer, fallback_messages(messages, offered))
+        return encoder.encode_chat([_for_template(m) for m in messages], tools_for_template(offered or []) or None)
+    return encoder.encode_chat(fallback_messages(messages, offered))
 
 
 def _message(index: int, message: dict[str, Any]) -> dict[str, Any]:

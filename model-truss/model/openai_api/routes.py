@@ -11,9 +11,10 @@ generated tokens.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -29,6 +30,7 @@ from model.openai_api.responses import ChoiceItem, OpenAIResponse
 from model.openai_api.tools import ToolCallParser, call_constraint
 
 SEED_SPACE = 2**63
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,10 @@ class OpenAIRoutes:
 
     async def _serve(self, http_request: Request, kind: type[OpenAIRequest]) -> Response:
         try:
-            body = parse(await read_json(http_request), kind)
-            jobs = self._chat_jobs(body) if isinstance(body, ChatCompletionRequest) else self._completion_jobs(body)
-            choices = await self._start(jobs, body)
+            body = parse(await read_json(http_request, self.generator.settings.max_request_bytes), kind)
+            self.generator.check_capacity()  # before tokenizing, as for /predict
+            jobs = await asyncio.to_thread(self._jobs, body)  # tokenization takes seconds for a long prompt
+            choices = await self._start(jobs, body, http_request)
             response = OpenAIResponse(
                 chat=isinstance(body, ChatCompletionRequest),
                 model=body.model or self.model_name,
@@ -82,10 +85,16 @@ class OpenAIRoutes:
         except ServingError as exc:
             return error_response(exc, openai=True)
 
-    # -- requests -> jobs ------------------------------------------------------------------
+    # -- requests -> jobs (on a worker thread) ----------------------------------------------
+
+    def _jobs(self, body: OpenAIRequest) -> list[Job]:
+        if isinstance(body, ChatCompletionRequest):
+            return self._chat_jobs(body)
+        assert isinstance(body, CompletionRequest)
+        return self._completion_jobs(body)
 
     def _chat_jobs(self, body: ChatCompletionRequest) -> list[Job]:
-        prompt_ids = encode_messages(self.generator.tokenizer, body)
+        prompt_ids = encode_messages(self.generator.tokenizer, body, self.generator.check_prompt_chars)
         guided = body.response_format.guide() if body.response_format else None
         params = self._params(body, prompt_ids, logprobs=body.logprobs_k, guided=guided or call_constraint(body))
         return [Job(i, 0, prompt_ids, choice) for i, choice in enumerate(_per_choice(params, body.n))]
@@ -103,7 +112,8 @@ class OpenAIRoutes:
         """Raw: the text tokenized as is (no chat template), or the token ids themselves."""
         tokenizer = self.generator.tokenizer
         if isinstance(prompt, str):
-            return list(tokenizer(prompt).input_ids)
+            self.generator.check_prompt_chars(len(prompt))
+            return self.generator.encoder.encode_raw(prompt)
         if any(not 0 <= token < len(tokenizer) for token in prompt):
             raise InvalidRequest(f"prompt token ids must be in 0..{len(tokenizer) - 1}", param="prompt")
         return list(prompt)
@@ -112,27 +122,36 @@ class OpenAIRoutes:
         max_new_tokens = body.requested_max_tokens() or self.generator.default_max_new_tokens(len(prompt_ids))
         return body.sampling().to_params(max_new_tokens, **extra)
 
-    async def _start(self, jobs: list[Job], body: OpenAIRequest) -> list[Choice]:
+    async def _start(self, jobs: list[Job], body: OpenAIRequest, client: Request) -> list[Choice]:
         """Every choice started (each waits for its first piece); if one cannot start, none goes on."""
         batch = self.generator.backend.limits.max_batch_size
         if len(jobs) > batch:
             message = f"{len(jobs)} choices (n times the prompts) exceed the batch size of {batch}; ask for fewer"
             raise InvalidRequest(message, param="n")
+        stop_strings = body.sampling().stop_strings
         started = await asyncio.gather(
-            *(self.generator.start_ids(job.prompt_ids, job.params, body.sampling().stop_strings) for job in jobs),
+            *(
+                self.generator.start_encoded(_given(job.prompt_ids), _given(job.params), stop_strings, client)
+                for job in jobs
+            ),
             return_exceptions=True,
         )
         failed = [result for result in started if isinstance(result, BaseException)]
         if failed:
             for result in started:
                 if isinstance(result, Generation):
-                    await result.pieces.aclose()  # type: ignore[attr-defined]
+                    await result.close()
             raise failed[0]
         return [
             Choice(job, generation, _parser(body))
             for job, generation in zip(jobs, started, strict=True)
             if isinstance(generation, Generation)
         ]
+
+
+def _given(value: T) -> Callable[..., T]:
+    """A prompt or params already computed, in the shape `start_encoded` asks for."""
+    return lambda *_: value
 
 
 def _parser(body: OpenAIRequest) -> ToolCallParser | None:
