@@ -26,7 +26,7 @@ from scripts.docs_check import (
 from tests.conftest import REPO_ROOT
 
 README_MAX_LINES = 250
-DOC_PAGES = ("api", "configuration", "engines", "deployment", "benchmarks", "architecture")
+DOC_PAGES = ("api", "configuration", "engines", "deployment", "benchmarks", "security", "architecture")
 # Words that point at documents outside this repository (the notes it was first built from).
 FOREIGN_REFERENCES = re.compile(
     r"\bseeds? ?0\d\d\b|\bthe seed's\b|\bthe seeds\b|\bseed documents?\b|walk-?through it grew", re.I
@@ -43,6 +43,15 @@ def test_readme_is_short_and_links_every_page() -> None:
     for page in DOC_PAGES:
         assert (REPO_ROOT / "docs" / f"{page}.md").is_file()
         assert f"(docs/{page}.md)" in readme, f"README.md does not link docs/{page}.md"
+
+
+def test_every_setting_is_in_the_configuration_table() -> None:
+    """A setting added to settings.py without a row in docs/configuration.md is a setting nobody finds."""
+    from model.settings import ServerSettings
+
+    table = (REPO_ROOT / "docs" / "configuration.md").read_text().split("## Settings", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`([a-z_]+)`", table))
+    assert sorted(set(ServerSettings.model_fields) - documented) == []
 
 
 def test_the_readme_leads_with_the_two_commands_and_the_openai_client() -> None:
