@@ -64,20 +64,28 @@ def test_harmless_fields_are_accepted(tokenizer) -> None:
         "store": False,
         "parallel_tool_calls": True,
         "user": "u",
-        "max_completion_tokens": 0,
         "max_tokens": 5,
     }
     response, raw = _call(model, "/v1/chat/completions", body)
     assert response.status_code == 200, raw
 
 
-def test_a_text_part_holding_an_object_is_its_python_text(tokenizer) -> None:
+@pytest.mark.parametrize("tokens", [{"max_completion_tokens": 0}, {"max_completion_tokens": 0, "max_tokens": 5}])
+def test_max_completion_tokens_zero_is_refused_even_beside_max_tokens(tokenizer, tokens) -> None:
     model, _ = _model(tokenizer, LIMITS)
-    parts = [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]
-    _, raw = _call(model, "/v1/chat/completions", {"messages": parts})
-    plain = [{"role": "user", "content": "{'a': 1}"}]
-    _, expected = _call(model, "/v1/chat/completions", {"messages": plain})
-    assert json.loads(raw)["usage"] == json.loads(expected)["usage"]
+    response, raw = _call(model, "/v1/chat/completions", {"messages": CHAT, **tokens})
+    assert response.status_code == 400
+    assert json.loads(raw)["error"]["param"] == "max_completion_tokens"
+
+
+def test_a_text_part_whose_text_is_not_a_string_is_refused(tokenizer) -> None:
+    model, _ = _model(tokenizer, LIMITS)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": {"a": 1}}]}]
+    response, raw = _call(model, "/v1/chat/completions", {"messages": parts})
+    assert response.status_code == 400
+    error = json.loads(raw)["error"]
+    assert error["param"] == "messages[0].content[1].text"
+    assert "must be a string, got dict" in error["message"]
 
 
 def test_max_completion_tokens_wins_and_n_samples_with_derived_seeds(tokenizer) -> None:

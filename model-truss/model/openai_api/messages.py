@@ -1,8 +1,8 @@
 """Chat messages as OpenAI clients send them, rendered to prompt token ids through the model's chat template.
 
 Roles: system, developer (a system turn for this server), user, assistant (with `tool_calls`), tool. Content is
-a string, null (an assistant turn that only calls tools) or a list of text parts; a part whose `text` is not a
-string is written as Python writes it (`{'a': 1}`). Image, audio and file parts are refused.
+a string, null (an assistant turn that only calls tools) or a list of text parts, each with a string `text`.
+Image, audio and file parts are refused.
 """
 
 from __future__ import annotations
@@ -60,7 +60,13 @@ def _text(index: int, message: dict[str, Any]) -> str:
             f"messages[{index}].content: only text content parts are supported (no images, audio or files)",
             param=f"messages[{index}].content",
         )
-    return "".join(part["text"] if isinstance(part.get("text"), str) else str(part.get("text", "")) for part in content)
+    for number, part in enumerate(content):
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequest(
+                f"messages[{index}].content[{number}].text must be a string, got {type(part.get('text')).__name__}",
+                param=f"messages[{index}].content[{number}].text",
+            )
+    return "".join(part["text"] for part in content)
 
 
 def _tool_call(index: int, call: Any) -> dict[str, Any]:

@@ -180,10 +180,10 @@ class ChatCompletionRequest(OpenAIRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
-        """max_completion_tokens (its newer name) wins, unless it is 0 and max_tokens is there."""
-        if self.max_completion_tokens == 0 and self.max_tokens is None:
+        """max_completion_tokens (its newer name) wins; 0 is refused whether or not max_tokens is there."""
+        if self.max_completion_tokens == 0:
             raise _refused("max_completion_tokens", "max_completion_tokens must be at least 1")
-        if self.max_completion_tokens:
+        if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return super().requested_max_tokens()
 
