@@ -7,7 +7,11 @@ In order, for every HTTP request:
    read; a chunked body is counted while it is read and refused the same way once it passes the limit.
    A body at most `LINGER_BYTES` over is read to its end first, so that a client still sending it
    reads the 413 rather than a reset connection; either way the 413 says `Connection: close`.
-3. A barrier around the application: an exception before the response started becomes a fixed 500
+3. Admission: a generation request (`POST` on one of `GENERATION_PATHS`) that finds the engine's queue
+   full gets its 429 here, as soon as its body is read, before truss's routing, tracing and body
+   parsing: under a burst the refusals then cost the event loop next to nothing, so the excess hears
+   back at once. The generator checks again, authoritatively (a request with `n` choices takes `n`).
+4. A barrier around the application: an exception before the response started becomes a fixed 500
    JSON body (never a traceback or an exception's class); one after the response started (a stream
    that failed mid-way) ends the connection without the final chunk, the documented failure signal of
    a `/predict` stream; one after the response completed (truss's fallback handler re-raises) is
@@ -37,6 +41,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 UNAUTHENTICATED_PATHS = frozenset({"/", "/v1/models/model", "/metrics", "/metrics/"})
 OPENAI_PATH_PREFIXES = ("/v1/chat/", "/v1/completions")
 LINGER_BYTES = 1024 * 1024  # read (and drop) up to this much past the limit so the client gets the 413
+GENERATION_PATHS = frozenset({"/v1/models/model:predict", "/v1/chat/completions", "/v1/completions"})
 
 
 def is_openai_path(path: str) -> bool:
@@ -44,8 +49,16 @@ def is_openai_path(path: str) -> bool:
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, *, max_request_bytes: int, api_key: str | None) -> None:
-        self.app, self.max_bytes = app, max_request_bytes
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_request_bytes: int,
+        api_key: str | None,
+        check_capacity: Callable[[], None] = lambda: None,
+    ) -> None:
+        """`check_capacity` raises a ServingError (EngineOverloaded) when the engine cannot take one more."""
+        self.app, self.max_bytes, self._check_capacity = app, max_request_bytes, check_capacity
         self._key = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,6 +77,12 @@ class GuardMiddleware:
                 scope, receive, send
             )
             return
+        if scope["method"] == "POST" and scope["path"] in GENERATION_PATHS:
+            try:
+                self._check_capacity()
+            except ServingError as exc:
+                await error_response(exc, openai=openai)(scope, receive, send)
+                return
         await self._run(scope, _replay(body, receive), send, openai)
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:

@@ -7,7 +7,8 @@ with what truss lacks for a server that is safe to expose:
 - only the routes this server serves: truss's others (`/hot-reload`, which re-imports the model code,
   `/v1/websocket`, the SageMaker aliases `/ping` and `/invocations`, `:predict_binary`, `/schema`,
   `/loaded`, `/v1/embeddings`, `/v1/messages`, `/v1/responses`, FastAPI's `/openapi.json`) are gone (404);
-- `asgi_guard.GuardMiddleware`: optional API key, the body-size limit, the exception barrier;
+- `asgi_guard.GuardMiddleware`: optional API key, the body-size limit, an early 429 when the engine is full,
+  the exception barrier;
 - error bodies that never carry an exception's class or text (truss's fallback handler sends
   `Unhandled exception: TypeError: ...`), and JSON 404/405s;
 - access-log lines without query strings (truss logs the path with its query);
@@ -25,7 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -79,7 +80,9 @@ def build_server(host: str, port: int) -> uvicorn.Server:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unhandled_error)
     api_key = read_api_key(SecretsResolver.get_secrets(truss_server._config), settings)
-    guarded = GuardMiddleware(app, max_request_bytes=settings.max_request_bytes, api_key=api_key)
+    guarded = GuardMiddleware(
+        app, max_request_bytes=settings.max_request_bytes, api_key=api_key, check_capacity=capacity_check(truss_server)
+    )
     debug = truss_server._config["runtime"].get("enable_debug_logs", False)
     config = uvicorn.Config(
         guarded,
@@ -102,6 +105,17 @@ def add_routes(app: Any, truss_server: TrussServer, settings: ServerSettings) ->
     before, after = ModelRoutes(served_model_name(settings), truss_server._endpoints.model_ready).routes()
     app.router.routes[:0] = [metrics_route(), *before]
     app.router.routes.extend(after)
+
+
+def capacity_check(truss_server: TrussServer) -> Callable[[], None]:
+    """The loaded model's admission check for one request (nothing to check before load() has finished)."""
+
+    def check() -> None:
+        generator = getattr(truss_server._endpoints._model._maybe_model, "generator", None)
+        if generator is not None:
+            generator.check_capacity()
+
+    return check
 
 
 def close_unserved_routes(app: Any) -> None:

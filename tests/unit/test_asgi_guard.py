@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from model.asgi_guard import LINGER_BYTES, GuardMiddleware
-from model.errors import BackendError
+from model.errors import BackendError, EngineOverloaded
 
 LIMIT = 1000
 KEY = "s3cret"
@@ -117,3 +117,25 @@ def test_an_error_after_the_response_completed_is_not_raised() -> None:
         raise RuntimeError("truss's fallback handler re-raises")
 
     assert status_and_body(call(guard(answered_then_raised, api_key=None))) == (500, b"{}")
+
+
+def test_a_full_engine_refuses_generation_requests_before_the_application_runs() -> None:
+    reached: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await echo(scope, receive, send)
+
+    def full() -> None:
+        raise EngineOverloaded("64 requests are in flight (limit 64); retry shortly")
+
+    full_guard = GuardMiddleware(app, max_request_bytes=LIMIT, api_key=None, check_capacity=full)
+    sent = call(full_guard)
+    status, body = status_and_body(sent)
+    assert status == 429 and json.loads(body) == {"error": "64 requests are in flight (limit 64); retry shortly"}
+    assert (b"retry-after", b"1") in [(k.lower(), v) for k, v in sent[0]["headers"]]
+    status, body = status_and_body(call(full_guard, path="/v1/chat/completions"))
+    assert status == 429 and json.loads(body)["error"]["type"] == "rate_limit_error"
+    assert reached == []
+    assert status_and_body(call(full_guard, path="/metrics"))[0] == 200  # not a generation route
+    assert reached == ["/metrics"]
