@@ -55,10 +55,11 @@ def make_backend(artifacts: Artifacts, tmp_path: Path) -> Iterator[Callable[...,
     def fetch(settings: ServerSettings) -> Artifacts:  # what model.py binds: the real resolver, cache and token
         return resolve_artifacts(settings, tmp_path / "cache", None)
 
-    def make(**settings: Any) -> TrtllmBackend:
+    def make(found: Artifacts | None = None, **settings: Any) -> TrtllmBackend:
+        """`found`: other artifacts than the fixture's (another tokenizer)."""
         values = {"backend": Backend.TENSORRT_LLM, "max_batch_size": 8, **settings}
         tokenizer = SimpleNamespace(eos_token_id=END, pad_token_id=PAD)
-        loaded.append(TrtllmBackend.load(ServerSettings(**values), artifacts, tokenizer, fetch))
+        loaded.append(TrtllmBackend.load(ServerSettings(**values), found or artifacts, tokenizer, fetch))
         return loaded[-1]
 
     yield make
