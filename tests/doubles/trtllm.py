@@ -311,6 +311,44 @@ class IterationStats:
     kv_cache_stats: KvCacheStats | None
 
 
+class BlockCache:
+    """KV-cache block reuse as the block manager counts it: a prompt's full blocks found among earlier prompts'.
+
+    Counters are cumulative since start; a block counts only while every block before it was found too.
+    """
+
+    def __init__(self, tokens_per_block: int, *, enabled: bool) -> None:
+        self.tokens_per_block = tokens_per_block
+        self.enabled = enabled
+        self._cached: set[tuple[int, ...]] = set()  # prompt prefixes ending on a block boundary
+        self.reused = self.missed = 0
+
+    def admit(self, prompt: list[int]) -> None:
+        if not self.enabled:
+            return
+        per_block = self.tokens_per_block
+        prefixes = [tuple(prompt[:end]) for end in range(per_block, len(prompt) + 1, per_block)]
+        hits = next((i for i, prefix in enumerate(prefixes) if prefix not in self._cached), len(prefixes))
+        self.reused += hits
+        self.missed += len(prefixes) - hits
+        self._cached.update(prefixes)
+
+    def stats(self, max_blocks: int, used: int) -> dict[str, Any]:
+        """KvCacheStats' fields (snake case, as the bindings name them)."""
+        total = self.reused + self.missed
+        return {
+            "max_num_blocks": max_blocks,
+            "free_num_blocks": max_blocks - used,
+            "used_num_blocks": used,
+            "tokens_per_block": self.tokens_per_block,
+            "alloc_total_blocks": used,
+            "alloc_new_blocks": used,
+            "reused_blocks": self.reused,
+            "missed_blocks": self.missed,
+            "cache_hit_rate": self.reused / total if total else 0.0,
+        }
+
+
 @dataclass
 class _Live:
     """One request inside the executor."""
@@ -399,8 +437,7 @@ class FakeExecutor:
         self._cancel: set[int] = set()
         self._terminated: set[int] = set()
         self._shutdown_called = False
-        self._cached_blocks: set[tuple[int, ...]] = set()  # prompt prefixes ending on a block boundary
-        self._reused = self._missed = 0
+        self._blocks = BlockCache(limits.tokens_per_block, enabled=block_reuse)
         self._iteration = 0
         self._stats: list[IterationStats] = []
         self.requests: dict[int, Request] = {}
@@ -476,7 +513,7 @@ class FakeExecutor:
             if live.blocks > self.free_blocks:
                 return  # GUARANTEED_NO_EVICT: it waits until running requests free their blocks
             self._queue.popleft()
-            self._count_reuse(live.request.input_token_ids)
+            self._blocks.admit(live.request.input_token_ids)
             self._active.append(live)
 
     def _validate(self, live: _Live) -> str | None:
@@ -511,17 +548,6 @@ class FakeExecutor:
     def free_blocks(self) -> int:
         return self.limits.kv_blocks - sum(live.blocks for live in self._active)
 
-    def _count_reuse(self, prompt: list[int]) -> None:
-        """Full prompt blocks already cached count as reused, the others as missed; then they are cached."""
-        if not self.block_reuse:
-            return
-        per_block = self.limits.tokens_per_block
-        prefixes = [tuple(prompt[:end]) for end in range(per_block, len(prompt) + 1, per_block)]
-        hits = next((i for i, prefix in enumerate(prefixes) if prefix not in self._cached_blocks), len(prefixes))
-        self._reused += hits
-        self._missed += len(prefixes) - hits
-        self._cached_blocks.update(prefixes)
-
     def _iterate(self) -> list[Response]:
         if not self._active:
             return []
@@ -552,18 +578,7 @@ class FakeExecutor:
 
     def _record_stats(self) -> None:
         used = sum(live.blocks for live in self._active)
-        total = self._reused + self._missed
-        kv = KvCacheStats(
-            max_num_blocks=self.limits.kv_blocks,
-            free_num_blocks=self.limits.kv_blocks - used,
-            used_num_blocks=used,
-            tokens_per_block=self.limits.tokens_per_block,
-            alloc_total_blocks=used,
-            alloc_new_blocks=used,
-            reused_blocks=self._reused,
-            missed_blocks=self._missed,
-            cache_hit_rate=self._reused / total if total else 0.0,
-        )
+        kv = KvCacheStats(**self._blocks.stats(self.limits.kv_blocks, used))
         self._stats.append(
             IterationStats(self._iteration, len(self._active), len(self._queue), self.limits.max_batch_size, kv)
         )

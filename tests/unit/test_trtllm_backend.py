@@ -239,7 +239,7 @@ def test_a_folder_without_engine_config_is_an_artifact_error(fake, make_backend,
 def test_a_tokenizer_from_another_model_is_refused(fake, artifacts) -> None:
     tokenizer = SimpleNamespace(eos_token_id=5000, pad_token_id=None)
     settings = ServerSettings(backend=Backend.TENSORRT_LLM, max_batch_size=8)
-    with pytest.raises(EngineMismatchError, match="outside this engine's vocabulary"):
+    with pytest.raises(EngineMismatchError, match="outside the model's vocabulary"):
         TrtllmBackend.load(settings, artifacts, tokenizer)
 
 

@@ -54,7 +54,8 @@ Modules, in the order a request meets them:
 - `executor`: the C++ Executor loop (`ExecutorEngine`), its `Request`s, and `serve_worker_rank`.
 - `speculative`: draft-target speculative decoding over two Executors (`SpeculativeEngine`).
 - `static_batch`: the python runner's dynamic static batching (`StaticBatchEngine`).
-- `shared`: the seed and the last chunk, used by more than one engine.
+- `shared`: ids, the seed, the last chunk and the draft's settings, used by more than one engine (and by
+  the LLM-API backend, model/backends/trtllm_llmapi/).
 
 Each module's docstring lists the NVIDIA/TensorRT-LLM sources it was checked against through the code
 index (1.2.0rc2 is commit b35ac1b6), and what was checked only against the double (tests/doubles/trtllm.py).
@@ -71,7 +72,7 @@ from transformers import PreTrainedTokenizerBase
 
 from model.artifacts import Artifacts
 from model.backends.base import BatchingBackend, EngineStats, Limits, Submission
-from model.backends.trtllm.engine_config import EngineSpec, token_ids
+from model.backends.trtllm.engine_config import EngineSpec
 from model.backends.trtllm.executor import ExecutorEngine, serve_worker_rank
 from model.backends.trtllm.runtime_rules import (
     check_executor_build,
@@ -80,6 +81,7 @@ from model.backends.trtllm.runtime_rules import (
     runtime_options,
     session_input_limit,
 )
+from model.backends.trtllm.shared import token_ids
 from model.backends.trtllm.speculative import SpeculativeEngine, load_draft, speculative_limits
 from model.backends.trtllm.static_batch import StaticBatchEngine
 from model.settings import ServerSettings
@@ -131,7 +133,7 @@ class TrtllmBackend(BatchingBackend):
         engine_dir = artifacts.model_dir
         verify_engine_compatible(engine_dir)  # before TensorRT deserializes anything
         spec = EngineSpec.read(engine_dir)
-        ids = token_ids(tokenizer, artifacts, spec)
+        ids = token_ids(tokenizer, artifacts, spec.vocab_size)
         if settings.trtllm_runner == "python":
             limits = engine_limits(settings, spec, session_input_limit(spec))
             engine: _Engine = StaticBatchEngine.build(spec, limits, ids, engine_dir)

@@ -1,14 +1,13 @@
-"""What a TensorRT-LLM engine folder says, and the ids and launch layout that follow from it.
+"""What a TensorRT-LLM engine folder says, and the launch layout that follows from it.
 
 `EngineSpec.read` parses the `config.json` trtllm-build wrote (build limits, plugin switches, parallel
-layout, speculative mode, the model's KV-cache shape); `token_ids` takes the end, pad and stop ids
-from the tokenizer and checks them against the engine's vocabulary; `launch_layout` says which MPI
+layout, speculative mode, the model's KV-cache shape); `launch_layout` says which MPI
 rank this process is and whether the Executor runs in orchestrator mode (see the package
 docstring's Multi-GPU section). What the C++ runtime derives from these fields, or refuses, is in
 `runtime_rules`.
 
 Checked against NVIDIA/TensorRT-LLM through the code index:
-- examples/run.py and examples/utils.py (pad_id falls back to end_id), _utils.py (000a01de, 1.0.0rc4).
+- _utils.py (000a01de, 1.0.0rc4): mpi_rank, mpi_world_size.
 - tensorrt_llm/builder.py (008b2b8d): `BuildConfig` fields and `to_dict` (kv_cache_type written as its enum
   name, plugin_config as a dict), `build()` raising max_seq_len by max_draft_len for every speculative mode
   ("Maximum number of generated tokens remains the same"); models/modeling_utils.py (`SpeculativeDecodingMode`
@@ -24,11 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
-
-from model.artifacts import Artifacts
 from model.errors import ArtifactError, EngineMismatchError
-from model.prompting import stop_token_ids
 
 # SpeculativeDecodingMode, an IntFlag that config.json stores as its int value.
 SPECULATIVE_MODES = {1: "none", 2: "draft_tokens_external", 4: "medusa", 8: "lookahead_decoding",
@@ -132,33 +127,6 @@ def _kv_bytes_per_token(pretrained: dict[str, Any], tp_size: int, pp_size: int) 
     kv_algo = (pretrained.get("quantization") or {}).get("kv_cache_quant_algo")
     element = KV_BYTES.get(str(kv_algo).upper(), DTYPE_BYTES.get(pretrained.get("dtype", "float16"), 2))
     return 2 * layers * max(1, kv_heads // tp_size) * head_size * element
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    end_id: int
-    pad_id: int
-    stop_ids: frozenset[int]  # end_id included
-
-
-def token_ids(tokenizer: PreTrainedTokenizerBase, artifacts: Artifacts, engine: EngineSpec) -> TokenIds:
-    """end_id = the tokenizer's EOS; pad_id = its pad token, else end_id (as examples/utils.py does)."""
-    stops = stop_token_ids(tokenizer, artifacts.model_dir, artifacts.tokenizer_dir)
-    end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(stops, default=None)
-    if end_id is None:
-        raise ArtifactError(
-            f"the tokenizer at {artifacts.tokenizer_dir} has no EOS token and no generation_config.json lists one, "
-            "so generation could never stop; use the tokenizer the engine was built from (tokenizer_repo)"
-        )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
-    outside = sorted(t for t in {end_id, *stops} if not 0 <= t < engine.vocab_size)  # pad may be an added token
-    if outside:
-        raise EngineMismatchError(
-            f"special token ids {outside} of the tokenizer at {artifacts.tokenizer_dir} are outside this engine's "
-            f"vocabulary ({engine.vocab_size}), so it is not the engine's tokenizer; set tokenizer_repo to the "
-            "model the engine was built from"
-        )
-    return TokenIds(int(end_id), int(pad_id), frozenset({int(end_id), *stops}))
 
 
 def launch_layout(spec: EngineSpec) -> tuple[int, bool]:

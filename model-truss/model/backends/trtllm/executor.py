@@ -56,7 +56,7 @@ from types import ModuleType
 from typing import Any
 
 from model.backends.base import EngineStats, FinishReason, Limits, SamplingParams, Submission
-from model.backends.trtllm.engine_config import EngineSpec, TokenIds, launch_layout
+from model.backends.trtllm.engine_config import EngineSpec, launch_layout
 from model.backends.trtllm.runtime_rules import (
     RuntimeOptions,
     check_executor_build,
@@ -65,7 +65,7 @@ from model.backends.trtllm.runtime_rules import (
     load_failure_hint,
     runtime_options,
 )
-from model.backends.trtllm.shared import finish_stream, sampling_seed
+from model.backends.trtllm.shared import TokenIds, finish_stream, sampling_seed
 from model.errors import BackendError, EngineMismatchError
 from model.settings import ServerSettings
 

@@ -42,7 +42,7 @@ from typing import Any
 
 from model.artifacts import Artifacts
 from model.backends.base import EngineStats, Limits, SamplingParams, Submission
-from model.backends.trtllm.engine_config import EngineSpec, TokenIds
+from model.backends.trtllm.engine_config import EngineSpec
 from model.backends.trtllm.executor import (
     POLL,
     IterationStatsReader,
@@ -61,7 +61,7 @@ from model.backends.trtllm.runtime_rules import (
     executor_input_limit,
     runtime_options,
 )
-from model.backends.trtllm.shared import finish_stream, sampling_seed
+from model.backends.trtllm.shared import TokenIds, draft_settings, finish_stream, sampling_seed
 from model.errors import ArtifactError, BackendError, EngineMismatchError
 from model.settings import ServerSettings, SettingsError
 
@@ -121,20 +121,6 @@ def load_draft(
             "family with the same tokenizer (Llama-3.2-1B for Llama-3.3-70B)"
         )
     return Draft(found.model_dir, spec, runtime_options(settings, spec), draft_len)
-
-
-def draft_settings(settings: ServerSettings, target: Artifacts) -> ServerSettings:
-    """What `resolve_artifacts` needs to find the draft: its repo and subfolder; the tokenizer is the target's."""
-    same_repo = settings.draft_model_repo == settings.model_repo
-    return settings.model_copy(
-        update={
-            "model_repo": settings.draft_model_repo,
-            "subfolder": settings.draft_subfolder,
-            "revision": settings.revision if same_repo else None,  # a pinned commit exists in its own repo only
-            "allow_patterns": None,
-            "tokenizer_repo": str(target.tokenizer_dir),  # a local folder: nothing to download
-        }
-    )
 
 
 def speculative_limits(limits: Limits, target_input: InputLimit, draft: Draft) -> Limits:

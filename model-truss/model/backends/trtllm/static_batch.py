@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from model.backends.base import EngineStats, FinishReason, Limits, SamplingParams, Submission
-from model.backends.trtllm.engine_config import EngineSpec, TokenIds, launch_layout
-from model.backends.trtllm.shared import sampling_seed
+from model.backends.trtllm.engine_config import EngineSpec, launch_layout
+from model.backends.trtllm.shared import TokenIds, sampling_seed
 from model.errors import BackendError, EngineMismatchError
 
 logger = logging.getLogger(__name__)
