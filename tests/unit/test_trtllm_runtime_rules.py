@@ -19,12 +19,11 @@ import pytest
 
 from model.artifacts import Artifacts
 from model.backends.base import Limits, SamplingParams
-from model.backends.trtllm import executor as executor_module
 from model.errors import BackendError, EngineMismatchError, InvalidRequest
 from model.schema import check_limits
 from model.settings import SettingsError
 from tests.doubles.trtllm import write_engine_config
-from tests.unit.trtllm_fixtures import END, GREEDY, collect, serve_all, tokens_of
+from tests.unit.trtllm_fixtures import END, GREEDY, collect, serve_all, tokens_of, wait_until
 
 LONG = list(range(100, 200))  # a 100-token prompt
 
@@ -289,20 +288,20 @@ def test_features_the_executor_cannot_honour_are_refused_by_name(fake, make_back
         asyncio.run(backend.prepare(params))
 
 
-def test_stats_report_requests_kv_use_and_prefix_cache_hits(fake, make_backend, monkeypatch) -> None:
-    monkeypatch.setattr(executor_module, "STATS_INTERVAL_S", 0.0)
+def test_stats_report_requests_kv_use_and_prefix_cache_hits(fake, make_backend) -> None:
     backend = make_backend()
     shared = long_prompt(70)  # two full 32-token blocks, then a partial one
     backend.start()
 
     asyncio.run(collect(backend, shared, SamplingParams(max_new_tokens=3)))
-    first = backend.stats()
+    wait_until(lambda: backend.stats().prefix_cache_queries == 64)  # read once the engine went idle
+    assert backend.stats().prefix_cache_hits == 0
     asyncio.run(collect(backend, shared, SamplingParams(max_new_tokens=3)))
-    second = backend.stats()
+    wait_until(lambda: backend.stats().prefix_cache_queries == 128)
 
-    assert (first.prefix_cache_queries, first.prefix_cache_hits) == (64, 0)
-    assert (second.prefix_cache_queries, second.prefix_cache_hits) == (128, 64)
-    assert (second.running, second.waiting, second.kv_cache_usage) == (0, 0, 0.0)
+    stats = backend.stats()
+    assert stats.prefix_cache_hits == 64
+    assert (stats.running, stats.waiting, stats.kv_cache_usage) == (0, 0, 0.0)
 
 
 def test_limits_of_a_plain_engine_are_unchanged_by_the_rules(fake, make_backend) -> None:

@@ -127,7 +127,7 @@ class ExecutorEngine:
         if self._by_executor_id:
             for response in self._executor.await_responses(timeout=POLL):
                 self._dispatch(response)
-        self._stats.poll()
+        self._stats.poll(idle=not self._by_executor_id)
 
     def stats(self) -> EngineStats:
         return self._stats.current(idle=not self._by_executor_id)
@@ -270,9 +270,10 @@ class IterationStatsReader:
         self._polled_at = 0.0
         self._latest: EngineStats = EngineStats(running=0, waiting=0)
 
-    def poll(self) -> None:
+    def poll(self, *, idle: bool) -> None:
+        """At most every STATS_INTERVAL_S while busy; always once the engine went idle (its last iteration)."""
         now = time.monotonic()
-        if now - self._polled_at < STATS_INTERVAL_S:
+        if not idle and now - self._polled_at < STATS_INTERVAL_S:
             return
         self._polled_at = now
         iterations = self._executor.get_latest_iteration_stats()

@@ -247,7 +247,7 @@ class SpeculativeEngine:
         for lane in busy:  # await_responses returns once one is ready; the longest wait is shared out
             for response in lane.executor.await_responses(timeout=POLL / len(busy)):
                 self._dispatch(lane, response)
-        self._stats.poll()
+        self._stats.poll(idle=not self._where)
 
     def stats(self) -> EngineStats:
         """Requests alternate between the Executors, so the request counts are this engine's own; KV is the target's."""
