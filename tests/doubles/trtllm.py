@@ -380,7 +380,8 @@ class _Live:
         if end_id is not None and end_id >= 0 and token == end_id:
             if len(self.generated) >= (self.request.sampling_config.min_tokens or 0):
                 return FinishReason.END_ID  # the end token is not part of the output
-            token = model.rule_token(sequence)  # min_tokens: the end id is masked, the next best is taken
+            # min_tokens: the end id is masked, the next most likely token is taken
+            token = next(t for t, _ in model.distribution(sequence, []) if t != end_id)
         self.generated.append(token)
         for word in self.request.stop_words or []:
             if word and self.generated[-len(word) :] == word:
