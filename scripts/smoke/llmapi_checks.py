@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from scripts.smoke import Check, SmokeContext, require
+from scripts.smoke import Check, CheckFailed, SmokeContext, require
 
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
 
@@ -103,6 +103,16 @@ def abort_cancels(context: SmokeContext) -> str:
     require(last.finish_reason == "cancelled", f"finish reason after abort(): {last.finish_reason!r}")
     require(len(last.token_ids) < 400, "the request ran to its end")
     return f"'cancelled' after {len(last.token_ids)} tokens"
+
+
+def fail_fast_attention_window(context: SmokeContext) -> str:
+    kv = context.trtllm.llmapi.KvCacheConfig(enable_block_reuse=True, free_gpu_memory_fraction=0.2, max_tokens=128)
+    try:
+        with llm(context, kv_cache_config=kv) as instance:
+            kept = getattr(instance.args, "max_seq_len", None)
+    except Exception as exc:  # the refusal this check expects
+        return f"refused at load: {str(exc)[:120]}"
+    raise CheckFailed(f"a 128-token KV cache loaded for max_seq_len 512 (the LLM now says max_seq_len {kept})")
 
 
 def input_limit_without_chunked_prefill(context: SmokeContext) -> str:
@@ -212,6 +222,11 @@ CHECKS = [
     ),
     Check("llmapi.stop_token_cut", "a stop_token_ids id ends with 'stop' and is cut from token_ids", stop_token_is_cut),
     Check("llmapi.abort", "RequestOutput.abort() ends the request with 'cancelled'", abort_cancels),
+    Check(
+        "llmapi.fail_fast_attention_window",
+        "fail_fast_on_attention_window_too_large refuses a KV cache smaller than one max_seq_len sequence",
+        fail_fast_attention_window,
+    ),
     Check(
         "llmapi.input_limit_without_chunked_prefill",
         "prompts above max_num_tokens refused at submission",

@@ -28,8 +28,12 @@ Built from NVIDIA/TensorRT-LLM sources read through the code index (1.2.0rc2 is 
   frequency penalties; the double ignores them too.
 Simplified: the model is `tests/doubles/trtllm.FakeModel` (deterministic, temperature and seed have no effect);
 a speculative config changes nothing in the tokens (greedy speculation is lossless); a guided request emits
-`FakeLlmApi.guided_outputs[kind]` and ends "stop"; the KV cache is `kv_blocks` blocks of 32 tokens, admission
-reserves prompt + max_tokens; one engine thread advances every active request one token per iteration.
+`FakeLlmApi.guided_outputs[kind]` and ends "stop"; the KV cache is `kv_blocks` blocks of 32 tokens (fewer when
+`KvCacheConfig.max_tokens` says so), admission reserves prompt + max_tokens; one engine thread advances every
+active request one token per iteration.
+Assumed, not found in the sources (scripts/trtllm_smoke.py checks it on a GPU): the PyTorch backend treats
+`fail_fast_on_attention_window_too_large` as the C++ runtime does, so a KV cache that cannot hold one
+max_seq_len sequence fails the load with it and lowers max_seq_len (a warning in `FakeLlmApi.warnings`) without.
 """
 
 from __future__ import annotations
@@ -280,6 +284,7 @@ class FakeLLM:
         if invalid:
             raise ValueError(f"LLM got invalid argument: {invalid[0]}")
         fake = self.fake
+        fake.load_calls.append(kwargs)
         tensor_parallel = kwargs.get("tensor_parallel_size", 1)
         if tensor_parallel > fake.gpus:
             raise RuntimeError(f"Only {fake.gpus} GPUs are available, but {tensor_parallel} are required.")
@@ -302,6 +307,10 @@ class FakeLLM:
         self.max_batch_size = kwargs.get("max_batch_size") or 2048
         self.chunked = bool(kwargs.get("enable_chunked_prefill", False))
         kv_config = kwargs.get("kv_cache_config") or KvCacheConfig()
+        self.kv_blocks = fake.kv_blocks
+        if kv_config.max_tokens is not None:
+            self.kv_blocks = min(self.kv_blocks, kv_config.max_tokens // TOKENS_PER_BLOCK)
+        self._fit_max_seq_len(bool(kwargs.get("fail_fast_on_attention_window_too_large")))
         self._blocks = BlockCache(TOKENS_PER_BLOCK, enabled=kv_config.enable_block_reuse)
         self.model = FakeModel(vocab_size=config.get("vocab_size", fake.model.vocab_size), scripts=fake.model.scripts,
                                failing_prompts=fake.model.failing_prompts,
@@ -320,6 +329,20 @@ class FakeLLM:
         fake.llms.append(self)
         self._thread = threading.Thread(target=self._run, name="fake-llm-engine", daemon=True)
         self._thread.start()
+
+    def _fit_max_seq_len(self, fail_fast: bool) -> None:
+        """A KV cache that cannot hold one max_seq_len sequence: fail the load, or lower max_seq_len to what fits."""
+        capacity = self.kv_blocks * TOKENS_PER_BLOCK
+        if capacity >= self.max_seq_len:
+            return
+        message = (
+            f"Attention window too large: the KV cache holds {capacity} tokens, fewer than one sequence of "
+            f"max_seq_len {self.max_seq_len}"
+        )
+        if fail_fast:
+            raise RuntimeError(message)
+        self.fake.warnings.append(f"{message}; max_seq_len lowered to {capacity}")
+        self.max_seq_len = capacity
 
     def generate_async(
         self,
@@ -389,7 +412,7 @@ class FakeLLM:
             max_tokens = min(output.sampling_params.max_tokens, self.max_seq_len - len(output.prompt_token_ids))
             output.sampling_params.max_tokens = max_tokens
             output.blocks = -(-(len(output.prompt_token_ids) + max_tokens) // TOKENS_PER_BLOCK)
-            if output.blocks > self.fake.kv_blocks - sum(a.output.blocks for a in self._active):
+            if output.blocks > self.kv_blocks - sum(a.output.blocks for a in self._active):
                 return
             self._queue.popleft()
             self._blocks.admit(output.prompt_token_ids)
@@ -410,7 +433,7 @@ class FakeLLM:
             if reason is not None:
                 self._active.remove(live)
         used = sum(a.output.blocks for a in self._active)
-        stats = self._blocks.stats(self.fake.kv_blocks, used)
+        stats = self._blocks.stats(self.kv_blocks, used)
         self._stats.append({
             "iter": self._iteration,
             "numActiveRequests": len(self._active),
@@ -480,7 +503,9 @@ class FakeLlmApi:
     kv_blocks: int = 4096
     iteration_seconds: float = 0.0
     guided_outputs: dict[str, list[int]] = field(default_factory=dict)  # GuidedDecodingParams kind -> tokens
-    llms: list[FakeLLM] = field(default_factory=list)
+    llms: list[FakeLLM] = field(default_factory=list)  # the LLMs that loaded
+    load_calls: list[dict[str, Any]] = field(default_factory=list)  # LLM(...)'s keyword arguments, loaded or not
+    warnings: list[str] = field(default_factory=list)  # what TensorRT-LLM would log as a warning
 
     @property
     def llm(self) -> FakeLLM:

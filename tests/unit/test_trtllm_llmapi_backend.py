@@ -221,8 +221,19 @@ def test_settings_the_checkpoint_cannot_serve_are_refused(fake_api, make_llmapi,
 
 
 def test_more_gpus_than_visible_is_refused_by_the_llm(fake_api, make_llmapi) -> None:
-    with pytest.raises(RuntimeError, match="Only 1 GPUs are available, but 2 are required"):
+    with pytest.raises(EngineMismatchError, match="Only 1 GPUs are available, but 2 are required"):
         make_llmapi(tensor_parallel_size=2)
+
+
+def test_a_kv_cache_too_small_for_one_sequence_fails_at_load_naming_the_fix(fake_api, make_llmapi) -> None:
+    fake_api.kv_blocks = 4  # 128 tokens; one sequence of the checkpoint's max_seq_len is 256
+    with pytest.raises(EngineMismatchError, match=r"LLM_KV_CACHE_FREE_GPU_MEMORY_FRACTION.*LLM_MAX_SEQ_LEN"):
+        make_llmapi()
+    assert fake_api.load_calls[0]["fail_fast_on_attention_window_too_large"] is True and fake_api.llms == []
+    assert fake_api.warnings == []  # it failed; it did not lower max_seq_len under the server's limits
+
+    backend = make_llmapi(max_seq_len=128)  # what the message says to do
+    assert backend.limits.max_seq_len == 128
 
 
 def test_a_modelopt_fp8_checkpoint_is_served_with_no_build(fake_api, make_llmapi, tmp_path) -> None:

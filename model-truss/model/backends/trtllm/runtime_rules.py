@@ -177,16 +177,20 @@ def _within_engine(name: str, wanted: int | None, built: int) -> int:
 
 LOAD_FAILURE_HINTS = {
     "Attention window too large": "the KV cache left by kv_cache_free_gpu_memory_fraction cannot hold one sequence of "
-    "the engine's max_seq_len; raise kv_cache_free_gpu_memory_fraction (LLM_KV_CACHE_FREE_GPU_MEMORY_FRACTION), serve "
-    "on a GPU with more memory, or rebuild with a smaller build.max_seq_len",
-    "out of memory": "the engine does not fit next to what is already on the GPU; lower "
+    "max_seq_len; raise kv_cache_free_gpu_memory_fraction (LLM_KV_CACHE_FREE_GPU_MEMORY_FRACTION), serve on a GPU with "
+    "more memory, or {shorter}",
+    "out of memory": "the model does not fit next to what is already on the GPU; lower "
     "kv_cache_free_gpu_memory_fraction, use a smaller draft, or more GPUs",
 }
+ENGINE_SHORTER = "rebuild with a smaller build.max_seq_len"
 
 
-def load_failure_hint(message: str) -> str:
-    """The fix for a runtime error raised while an engine loads, where this module knows one."""
+def load_failure_hint(message: str, shorter: str = ENGINE_SHORTER) -> str:
+    """The fix for a runtime error raised while a model loads, where this module knows one.
+
+    `shorter` says how to serve shorter sequences: an engine's max_seq_len is built in, a checkpoint's is a setting.
+    """
     for marker, hint in LOAD_FAILURE_HINTS.items():
         if marker.lower() in message.lower():
-            return hint
+            return hint.format(shorter=shorter)
     return "see the TensorRT-LLM log above"

@@ -176,16 +176,13 @@ class SpeculativeEngine:
     request's next tokens; the next round starts from the longer sequence.
     """
 
-    def __init__(
-        self, target: Any, draft: Any, api: ModuleType, ids: TokenIds, draft_len: int, target_input_limit: int
-    ) -> None:
+    def __init__(self, target: Any, draft: Any, api: ModuleType, ids: TokenIds, draft_len: int) -> None:
         self._runners = (target, draft)  # they own the Executors; keep them alive
         self._target = _Lane(executor_of(target))
         self._draft = _Lane(executor_of(draft))
         self._api = api
         self._ids = ids
         self._draft_len = draft_len
-        self._target_input_limit = target_input_limit
         self._stop_words = stop_words_of(ids)
         self._reasons = finish_reason_map(api)
         # A verification round ends by its own max_tokens (LENGTH); NOT_FINISHED is accepted too, because a
@@ -232,8 +229,7 @@ class SpeculativeEngine:
             rank=0,
             orchestrator=True,
         )
-        input_limit = executor_input_limit(target_spec, target_options).tokens
-        return cls(target_runner, draft_runner, api, ids, draft.draft_len, input_limit)
+        return cls(target_runner, draft_runner, api, ids, draft.draft_len)
 
     def has_work(self) -> bool:
         return bool(self._where)
@@ -267,9 +263,10 @@ class SpeculativeEngine:
 
     def _next_round(self, speculation: _Speculation) -> None:
         """Ask the draft for tokens; when one token is left to make, ask the target alone."""
-        room = speculation.submission.params.max_new_tokens - speculation.generated - 1  # the target adds one
-        input_room = self._target_input_limit - len(speculation.sequence)  # past it the runtime truncates the draft
-        draft_len = min(self._draft_len, room, input_room)
+        # The target adds one token. Within max_new_tokens, the sequence and its draft stay within both engines'
+        # input limits (speculative_limits), so the runtime never truncates the draft.
+        room = speculation.submission.params.max_new_tokens - speculation.generated - 1
+        draft_len = min(self._draft_len, room)
         if draft_len > 0:
             proposal = SamplingParams(max_new_tokens=draft_len, ignore_eos=speculation.submission.params.ignore_eos)
             request = executor_request(

@@ -44,11 +44,12 @@ from transformers import PreTrainedTokenizerBase
 from model import engine_meta
 from model.artifacts import Artifacts
 from model.backends.base import BatchingBackend, EngineStats, Limits, SamplingParams, Submission
+from model.backends.trtllm.runtime_rules import load_failure_hint
 from model.backends.trtllm.shared import TokenIds, draft_settings, finish_stream, token_ids
 from model.backends.trtllm_llmapi.checkpoint import Checkpoint, check_runtime, llm_plan
 from model.backends.trtllm_llmapi.requests import llm_sampling, token_logprobs
 from model.engine_meta import ComputeCapability
-from model.errors import ArtifactError, BackendError, InvalidRequest
+from model.errors import ArtifactError, BackendError, EngineMismatchError, InvalidRequest
 from model.settings import ServerSettings
 
 __all__ = ["LlmApiBackend"]
@@ -101,7 +102,13 @@ class LlmApiBackend(BatchingBackend):
         ids = token_ids(tokenizer, artifacts, checkpoint.vocab_size)
         draft_dir = _draft_dir(settings, artifacts, fetch) if settings.draft_model_repo else None
         plan = llm_plan(settings, checkpoint, artifacts.tokenizer_dir, draft_dir, llmapi)
-        llm = llmapi.LLM(str(artifacts.model_dir), **plan.kwargs)
+        try:
+            llm = llmapi.LLM(str(artifacts.model_dir), **plan.kwargs)
+        except RuntimeError as exc:
+            hint = load_failure_hint(str(exc), shorter="lower max_seq_len (LLM_MAX_SEQ_LEN)")
+            raise EngineMismatchError(
+                f"TensorRT-LLM could not load the checkpoint at {artifacts.model_dir}: {exc}; {hint}"
+            ) from exc
         backend_kind = getattr(llm.args, "backend", None)
         if backend_kind != "pytorch":
             llm.shutdown()

@@ -12,8 +12,11 @@ revision with `eagle3_one_model`: `KvCacheConfig`, `DecodingBaseConfig.speculati
 `DraftTargetDecodingConfig`, `EagleDecodingConfig`, `fail_fast_on_attention_window_too_large`,
 `max_num_tokens` default 8192); ModelOpt's `hf_quant_config.json` layout ({"quantization": {"quant_algo": ...}})
 as quantization/quantize.py writes it. Only against the double (tests/doubles/trtllm_llmapi.py): that 1.2
-reads the checkpoint's own max_position_embeddings when max_seq_len is given, and the FP8/NVFP4 GPU floors
-(TensorRT-LLM's support matrix, not code).
+reads the checkpoint's own max_position_embeddings when max_seq_len is given, the FP8/NVFP4 GPU floors
+(TensorRT-LLM's support matrix, not code), and that the PyTorch backend acts on
+`fail_fast_on_attention_window_too_large` (the sources pass it to the C++ runtime's ExecutorConfig on the
+TensorRT path; where the PyTorch path reads it was not found), so a KV cache that cannot hold one max_seq_len
+sequence fails the load; scripts/trtllm_smoke.py checks it (llmapi.fail_fast_attention_window).
 """
 
 from __future__ import annotations
