@@ -495,7 +495,7 @@ def _describe(error: dict[str, Any], kind: type[BaseModel]) -> str:
     loc = ".".join(str(part) for part in error["loc"]) or "spec"
     if error["type"] == "extra_forbidden":
         parent = _model_at(kind, error["loc"][:-1])
-        allowed = ", ".join(parent.model_fields) if parent else "see the Engines section of README.md"
+        allowed = ", ".join(parent.model_fields) if parent else "see docs/engines.md, A spec"
         return f"unknown key '{loc}'; remove it or fix its spelling (allowed here: {allowed})"
     if error["type"] == "missing":
         return f"'{loc}' is required"

@@ -23,11 +23,10 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-for _path in (REPO_ROOT, REPO_ROOT / "model-truss"):  # run as `python scripts/trtllm_smoke.py`
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(REPO_ROOT) not in sys.path:  # run as `python scripts/trtllm_smoke.py`; the scripts package adds model-truss
+    sys.path.insert(0, str(REPO_ROOT))
 
-from scripts.smoke import (  # noqa: E402  # noqa: E402
+from scripts.smoke import (  # noqa: E402
     Check,
     SmokeContext,
     describe,
