@@ -172,6 +172,33 @@ def guided_json_schema(context: SmokeContext) -> str:
     return f"{text!r}, 'stop'"
 
 
+def bad_guide_fails_its_step(context: SmokeContext) -> str:
+    """The matcher is built inside a step (GuidedDecoder._build): the backend compiles guides first for this reason."""
+    bad = context.trtllm.llmapi.GuidedDecodingParams(regex="a+(")
+
+    async def run(instance: Any) -> list[BaseException | None]:
+        async def outcome(prompt: list[int], sampling: Any, started: asyncio.Event | None) -> BaseException | None:
+            try:
+                async for _ in instance.generate_async(prompt, sampling, streaming=True):
+                    if started is not None:
+                        started.set()
+            except Exception as exc:  # the outcome this check looks at
+                return exc
+            return None
+
+        started = asyncio.Event()
+        plain = asyncio.create_task(outcome(_prompt(10), _sampling(context, max_tokens=400, ignore_eos=True), started))
+        await started.wait()
+        guided = await outcome(_prompt(10), _sampling(context, max_tokens=8, guided_decoding=bad), None)
+        return [await plain, guided]
+
+    with llm(context) as instance:
+        plain_error, guided_error = asyncio.run(run(instance))
+    require(guided_error is not None, "a regex xgrammar cannot parse was served")
+    require(plain_error is not None, f"only the guided request failed ({guided_error}): the step went on")
+    return f"both requests of the step failed: {str(guided_error)[:100]}"
+
+
 def penalties_are_ignored(context: SmokeContext) -> str:
     with llm(context) as instance:
         _, plain = _stream(instance, _prompt(10), _sampling(context, max_tokens=16, ignore_eos=True))
@@ -242,6 +269,11 @@ CHECKS = [
         "llmapi.guided_json_schema",
         "GuidedDecodingParams(json=schema) with xgrammar gives schema-valid JSON, 'stop'",
         guided_json_schema,
+    ),
+    Check(
+        "llmapi.bad_guide_fails_step",
+        "a guide xgrammar cannot compile fails every request of its step",
+        bad_guide_fails_its_step,
     ),
     Check(
         "llmapi.penalties_ignored",

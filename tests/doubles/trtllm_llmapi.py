@@ -24,6 +24,9 @@ Built from NVIDIA/TensorRT-LLM sources read through the code index (1.2.0rc2 is 
   the sampled one (sampling_utils' `{sampled: Logprob, **topk}`), each with its rank.
 - cpp/tensorrt_llm/executor/jsonSerialization.cpp: the iteration-stats JSON names (kvCacheStats: maxNumBlocks,
   usedNumBlocks, tokensPerBlock, reusedBlocks, missedBlocks, ...).
+- tensorrt_llm/_torch/pyexecutor/guided_decoder.py (07dacbbc, a 1.x revision): the grammar matcher of a guided
+  request is created inside an executor step (`GuidedDecoder._build` -> `grammar_matcher_factory.create`), so
+  a guide xgrammar cannot compile raises there and, as any error in a step, fails every request of the step.
 - PR 16485 (merged 2026-07): in 1.2 the default TorchSampler accepts but ignores repetition, presence and
   frequency penalties; the double ignores them too.
 Simplified: the model is `tests/doubles/trtllm.FakeModel` (deterministic, temperature and seed have no effect);
@@ -49,6 +52,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import xgrammar
 
 from tests.doubles.trtllm import BlockCache, FakeModel, install_modules
 
@@ -79,6 +84,20 @@ class GuidedDecodingParams:
         return next(
             name for name in ("json", "regex", "grammar", "json_object", "structural_tag") if getattr(self, name)
         )
+
+
+def _grammar_error(guided: GuidedDecodingParams) -> str | None:
+    """What xgrammar says of the guide XGrammarMatcherFactory would compile (the grammar side only; no tokenizer)."""
+    try:
+        if guided.json is not None:
+            xgrammar.Grammar.from_json_schema(guided.json if isinstance(guided.json, str) else json.dumps(guided.json))
+        elif guided.regex is not None:
+            xgrammar.Grammar.from_regex(guided.regex)
+        elif guided.grammar is not None:
+            xgrammar.Grammar.from_ebnf(guided.grammar)
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0]
+    return None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -421,9 +440,10 @@ class FakeLLM:
     def _iterate(self) -> None:
         self._iteration += 1
         self.batch_sizes.append(len(self._active))
-        if any(tuple(a.output.prompt_token_ids) in self.model.failing_step_prompts for a in self._active):
+        error = next(filter(None, map(self._step_error, self._active)), None)
+        if error is not None:
             for live in self._active:  # PyExecutor's error handling: every request of the step fails
-                self._finish(live, "Encountered an error in forward: injected step failure")
+                self._finish(live, f"Encountered an error in forward: {error}")
             self._active.clear()
             return
         for live in list(self._active):
@@ -446,6 +466,13 @@ class FakeLLM:
                 "cacheHitRate": stats["cache_hit_rate"],
             },
         })  # fmt: skip
+
+    def _step_error(self, live: _Live) -> str | None:
+        """Why a step holding this request fails: an injected failure, or a guide the matcher cannot be built for."""
+        if tuple(live.output.prompt_token_ids) in self.model.failing_step_prompts:
+            return "injected step failure"
+        guided = live.output.sampling_params.guided_decoding
+        return None if guided is None else _grammar_error(guided)
 
     def _decode(self, output: RequestOutput) -> str | None:
         """One token; the finish reason if the request ended."""

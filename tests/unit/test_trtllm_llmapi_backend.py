@@ -11,13 +11,14 @@ by name, stats, and that the engine backend and this one give the same tokens fo
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from transformers import PreTrainedTokenizerBase
 
 from model.artifacts import Artifacts, resolve_artifacts
 from model.backends.base import GuidedDecoding, SamplingParams, TokenChunk
@@ -57,8 +58,16 @@ def checkpoint(tmp_path: Path) -> Path:
     return write_checkpoint(tmp_path / "checkpoint")
 
 
+@pytest.fixture(scope="module")
+def test_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer (the guide compiler needs a real one) with the double's end and pad ids."""
+    renamed = copy.deepcopy(tokenizer)
+    renamed.eos_token_id, renamed.pad_token_id = END, PAD
+    return renamed
+
+
 @pytest.fixture
-def make_llmapi(checkpoint: Path, tmp_path: Path) -> Iterator[Callable[..., LlmApiBackend]]:
+def make_llmapi(checkpoint: Path, tmp_path: Path, test_tokenizer) -> Iterator[Callable[..., LlmApiBackend]]:
     loaded: list[LlmApiBackend] = []
 
     def fetch(settings: ServerSettings) -> Artifacts:
@@ -67,9 +76,8 @@ def make_llmapi(checkpoint: Path, tmp_path: Path) -> Iterator[Callable[..., LlmA
     def make(folder: Path | None = None, capability: tuple[int, int] | None = (9, 0), **settings: Any):
         values = {"backend": Backend.TENSORRT_LLM_LLMAPI, "max_batch_size": 8, **settings}
         model_dir = folder or checkpoint
-        tokenizer = SimpleNamespace(eos_token_id=END, pad_token_id=PAD)
         found = Artifacts(model_dir=model_dir, tokenizer_dir=model_dir)
-        backend = LlmApiBackend.load(ServerSettings(**values), found, tokenizer, fetch, lambda: capability)
+        backend = LlmApiBackend.load(ServerSettings(**values), found, test_tokenizer, fetch, lambda: capability)
         loaded.append(backend)
         return backend
 
@@ -316,10 +324,31 @@ def test_guided_decoding_maps_each_kind_onto_guided_decoding_params(fake_api, ma
     assert (sent[0].json, sent[1].json_object, sent[2].regex, sent[3].grammar) == (schema, True, "a+", 'root ::= "a"')
 
 
-def test_a_json_schema_that_is_not_json_is_a_400(fake_api, make_llmapi) -> None:
+BAD_GUIDES = [
+    (GuidedDecoding("json_schema", "{oops"), "response_format.json_schema.schema"),
+    (GuidedDecoding("json_schema", '{"type": 5}'), "response_format.json_schema.schema"),
+    (GuidedDecoding("regex", "a+("), "regex"),
+    (GuidedDecoding("grammar", "root ::= "), "grammar"),
+]
+
+
+@pytest.mark.parametrize(("guide", "field"), BAD_GUIDES)
+def test_a_guide_that_cannot_compile_is_a_400_naming_its_field(fake_api, make_llmapi, guide, field) -> None:
     backend = make_llmapi()
-    with pytest.raises(InvalidRequest, match="not JSON"):
-        asyncio.run(backend.prepare(SamplingParams(max_new_tokens=2, guided=GuidedDecoding("json_schema", "{oops"))))
+    with pytest.raises(InvalidRequest, match="cannot be used for structured output|empty") as refused:
+        asyncio.run(backend.prepare(SamplingParams(max_new_tokens=2, guided=guide)))
+    assert refused.value.param == field
+
+
+def test_a_guide_that_reaches_the_llm_uncompiled_fails_its_whole_step(fake_api, make_llmapi) -> None:
+    """Why `prepare` compiles: TensorRT-LLM builds the matcher inside a step, failing every request in it."""
+    fake_api.iteration_seconds = 0.01
+    backend = make_llmapi()
+    bad = SamplingParams(max_new_tokens=8, guided=GuidedDecoding("regex", "a+("))
+
+    results = serve_all(backend, [([61], SamplingParams(max_new_tokens=40)), ([62], bad)])
+
+    assert all(isinstance(r, BackendError) and "Regex parsing error" in str(r) for r in results)
 
 
 @pytest.mark.parametrize(

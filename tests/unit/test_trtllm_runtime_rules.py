@@ -233,14 +233,18 @@ def test_speculative_rounds_never_make_the_runtime_truncate_drafts_or_lower_max_
     backend = make_backend(
         draft_model_repo=str(narrow_target), draft_subfolder="draft-1b", enable_chunked_context=False
     )
-    assert backend.limits.max_seq_len == 41  # every round's sequence is a prompt of at most 40 tokens
-    requests = [([31, 32, 33], SamplingParams(max_new_tokens=38)), ([34], SamplingParams(max_new_tokens=40))]
+    longest = backend.limits.max_seq_len  # each request as long as the limits allow
+    requests = [
+        ([31, 32, 33], SamplingParams(max_new_tokens=longest - 3)),
+        ([34], SamplingParams(max_new_tokens=longest - 1)),
+    ]
 
     results = serve_all(backend, requests)
 
     for (prompt, params), chunks in zip(requests, results, strict=True):
         assert tokens_of(chunks) == fake.model.tokens(prompt, params.max_new_tokens)
     assert [executor.adjustments for executor in fake.executors] == [[], []]
+    assert longest == 41  # every round's sequence is a prompt of at most 40 tokens (max_num_tokens)
 
 
 # -- optional features and stats ---------------------------------------------------------------------

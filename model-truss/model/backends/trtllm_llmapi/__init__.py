@@ -17,7 +17,9 @@ iteration) fails alone; the LLM's own step errors fail the requests of that step
 Optional features (`supports`), as 1.2 allows them: logprobs (raw log-softmax, top 0..20) and guided
 decoding (xgrammar: json_object, json_schema, regex, grammar), both without speculative decoding (1.2's
 speculative samplers return the sampled logprob only, and guided decoding with a draft is not verified
-here). Not offered: repetition, presence and frequency penalties (1.2's TorchSampler ignores them; a
+here). `prepare` compiles each guide with the same grammar library (model/guided.py, cached) so a bad
+schema, regex or grammar is a 400 naming the field: TensorRT-LLM creates the grammar matcher inside an
+executor step (GuidedDecoder._build), where the error would fail every request of that step. Not offered: repetition, presence and frequency penalties (1.2's TorchSampler ignores them; a
 request with a penalty other than neutral gets a 400) and min_tokens. `stats()`: running = requests that
 produced output, waiting = accepted without output yet; KV use and prefix-cache hits from `get_stats()`.
 
@@ -50,6 +52,7 @@ from model.backends.trtllm_llmapi.checkpoint import Checkpoint, check_runtime, l
 from model.backends.trtllm_llmapi.requests import llm_sampling, token_logprobs
 from model.engine_meta import ComputeCapability
 from model.errors import ArtifactError, BackendError, EngineMismatchError, InvalidRequest
+from model.guided import GuideCompiler
 from model.settings import ServerSettings
 
 __all__ = ["LlmApiBackend"]
@@ -72,12 +75,16 @@ class _KvStats:
 class LlmApiBackend(BatchingBackend):
     name = "tensorrt_llm_llmapi"
 
-    def __init__(self, llm: Any, llmapi: ModuleType, limits: Limits, ids: TokenIds, speculative: bool) -> None:
+    def __init__(
+        self, llm: Any, llmapi: ModuleType, limits: Limits, ids: TokenIds, guides: GuideCompiler | None
+    ) -> None:
+        """`guides`: the checkpoint's grammar compiler; None under speculative decoding, which offers no features."""
         super().__init__(limits, ids.stop_ids)
         self._llm = llm
         self._llmapi = llmapi
         self._token_ids = ids
-        self.supports = frozenset() if speculative else FEATURES
+        self._guides = guides
+        self.supports = FEATURES if guides is not None else frozenset()
         self._loop = asyncio.new_event_loop()  # runs on the engine thread only
         self._tasks: dict[int, tuple[asyncio.Task[None], Submission]] = {}
         self._started: set[int] = set()  # requests that produced output
@@ -102,6 +109,7 @@ class LlmApiBackend(BatchingBackend):
         ids = token_ids(tokenizer, artifacts, checkpoint.vocab_size)
         draft_dir = _draft_dir(settings, artifacts, fetch) if settings.draft_model_repo else None
         plan = llm_plan(settings, checkpoint, artifacts.tokenizer_dir, draft_dir, llmapi)
+        guides = None if plan.speculative else GuideCompiler(tokenizer, checkpoint.vocab_size, ids.stop_ids)
         try:
             llm = llmapi.LLM(str(artifacts.model_dir), **plan.kwargs)
         except RuntimeError as exc:
@@ -122,20 +130,19 @@ class LlmApiBackend(BatchingBackend):
             plan.input_rule,
             f"{plan.speculative} speculation from {draft_dir}" if plan.speculative else "no speculation",
         )
-        return cls(llm, llmapi, plan.limits, ids, speculative=plan.speculative is not None)
+        return cls(llm, llmapi, plan.limits, ids, guides)
 
     async def prepare(self, params: SamplingParams) -> None:
         await super().prepare(params)
         if params.repetition_penalty != 1.0:
             raise InvalidRequest(
                 f"the {self.name} backend does not support repetition_penalty (TensorRT-LLM 1.2's PyTorch sampler "
-                "ignores it); remove it"
+                "ignores it); remove it",
+                param="repetition_penalty",
             )
-        if params.guided is not None and params.guided.kind == "json_schema":
-            try:
-                json.loads(params.guided.spec or "")
-            except ValueError as exc:
-                raise InvalidRequest(f"the JSON schema of the structured output is not JSON: {exc}") from None
+        if params.guided is not None:
+            assert self._guides is not None  # check_supported refused guided decoding without a compiler
+            await asyncio.to_thread(self._guides.compile, params.guided)  # raises InvalidRequest naming the field
 
     def stats(self) -> EngineStats:
         running = len(self._started)
