@@ -335,7 +335,7 @@ BAD_GUIDES = [
 @pytest.mark.parametrize(("guide", "field"), BAD_GUIDES)
 def test_a_guide_that_cannot_compile_is_a_400_naming_its_field(fake_api, make_llmapi, guide, field) -> None:
     backend = make_llmapi()
-    with pytest.raises(InvalidRequest, match="cannot be used for structured output|empty") as refused:
+    with pytest.raises(InvalidRequest, match="cannot be used for structured output") as refused:
         asyncio.run(backend.prepare(SamplingParams(max_new_tokens=2, guided=guide)))
     assert refused.value.param == field
 

@@ -19,9 +19,11 @@ decoding (xgrammar: json_object, json_schema, regex, grammar), both without spec
 speculative samplers return the sampled logprob only, and guided decoding with a draft is not verified
 here). `prepare` compiles each guide with the same grammar library (model/guided.py, cached) so a bad
 schema, regex or grammar is a 400 naming the field: TensorRT-LLM creates the grammar matcher inside an
-executor step (GuidedDecoder._build), where the error would fail every request of that step. Not offered: repetition, presence and frequency penalties (1.2's TorchSampler ignores them; a
-request with a penalty other than neutral gets a 400) and min_tokens. `stats()`: running = requests that
-produced output, waiting = accepted without output yet; KV use and prefix-cache hits from `get_stats()`.
+executor step (`GuidedDecoder._build`, _torch/pyexecutor/guided_decoder.py at 07dacbbc), where the error
+would fail every request of that step. Not offered: repetition, presence and frequency penalties (1.2's
+TorchSampler ignores them; a request with a penalty other than neutral gets a 400) and min_tokens.
+`stats()`: running = requests that produced output, waiting = accepted without output yet; KV use and
+prefix-cache hits from `get_stats()`.
 
 Modules: this one (the backend, its engine thread); `checkpoint` (the folder, runtime checks, the LLM's
 arguments and limits); `requests` (SamplingParams, guides and logprobs between the two APIs). What is
