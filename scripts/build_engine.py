@@ -4,6 +4,7 @@
     python scripts/build_engine.py engines/llama-2-7b-int8-wo-a100.yaml                 # all stages
     python scripts/build_engine.py engines/llama-2-7b-int8-wo-a100.yaml --no-publish    # keep it local
     python scripts/build_engine.py engines/llama-2-7b-int8-wo-a100.yaml --publish-only  # retry an upload
+    python scripts/build_engine.py engines/checkpoint/mistral-7b-instruct-v0.2-checkpoint-h100.yaml  # no build
 
 Stages: preflight (installed TensorRT-LLM and this GPU match the spec; the Hub token works) ->
 download (the checkpoint at its resolved commit) -> checkpoint (convert_checkpoint.py or
@@ -11,6 +12,8 @@ quantize.py) -> build (trtllm-build) -> stamp (build_meta.json, then every rank 
 publish (engine and tokenizer in ONE Hub commit, so a failure leaves the repo as it was).
 Run it in the TensorRT-LLM release container that the serving image uses, on the GPU type the
 engine will serve on (k8s/engine-build does both). `--dry-run` prints every command and call.
+Every run ends with the LLM_* settings that serve the result; a checkpoint spec (`serve: checkpoint`)
+builds nothing and prints only those.
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ from model import engine_meta  # noqa: E402
 from model.engine_meta import BuildMeta, ComputeCapability  # noqa: E402
 from scripts.engine_spec import (  # noqa: E402
     BuildPaths,
+    CheckpointSpec,
     EngineSpec,
     SpecError,
     build_command,
     checkpoint_command,
     load_draft,
     load_spec,
+    serve_settings,
 )
 
 DEFAULT_EXAMPLES_DIR = Path("/app/tensorrt_llm/examples")  # in nvcr.io/nvidia/tensorrt-llm/release images
@@ -365,22 +370,35 @@ def main(
     args = build_parser().parse_args(argv)
     try:
         spec = load_spec(args.spec)
-        load_draft(spec, args.spec.parent)
+        draft = load_draft(spec, args.spec.parent)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if isinstance(spec, CheckpointSpec):
+        print(f"# {spec.name}: no build, backend tensorrt_llm_llmapi serves {spec.checkpoint.repo} as it is")
+        print_serve_settings(serve_settings(spec))
+        return 0
     paths = BuildPaths(args.work_dir or Path("build/engines") / spec.name, args.trtllm_examples)
     build = EngineBuild(spec, _display_path(args.spec), paths, api or HfApi(), machine or Machine(), runner)
     stages = build.stages(publish=not args.no_publish, publish_only=args.publish_only)
     if args.dry_run:
         print_plan(build, stages)
+        print_serve_settings(serve_settings(spec, draft))
         return 0
     try:
         run_stages(stages)
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    print_serve_settings(serve_settings(spec, draft))
     return 0
+
+
+def print_serve_settings(settings: dict[str, str]) -> None:
+    """The environment of a deployment that serves this spec (a ConfigMap, `docker run -e`, `main.py serve`)."""
+    print("# serve with:")
+    for name, value in settings.items():
+        print(f"#   {name}={value}")
 
 
 def _display_path(path: Path) -> str:

@@ -1,10 +1,16 @@
-"""Engine specs (`engines/*.yaml`) and the exact TensorRT-LLM 1.2 commands that build them.
+"""Engine specs (`engines/*.yaml`), checkpoint specs (`engines/checkpoint/*.yaml`) and how each is served.
 
-A spec is everything needed to rebuild one deployable engine: the source checkpoint, dtype,
+An engine spec is everything needed to rebuild one deployable engine: the source checkpoint, dtype,
 quantization, parallelism, `trtllm-build` limits and switches, the target GPU and where to publish.
 `load_spec` validates it once (unknown keys, fp8 below sm_89, ranks vs GPU count, speculative
-settings, limits, weights vs GPU memory), each message naming the fix; after that the command
-builders below cannot produce a command TensorRT-LLM would reject for those reasons.
+settings, limits, weights vs GPU memory, what the C++ Executor refuses at load), each message naming
+the fix; after that the command builders below cannot produce a command TensorRT-LLM would reject for
+those reasons.
+
+A checkpoint spec (`serve: checkpoint`) says "no build: serve the checkpoint": a Hugging Face
+checkpoint (bf16/fp16, or ModelOpt FP8) that TensorRT-LLM's LLM API (backend tensorrt_llm_llmapi)
+loads as it is, the better path where no engine-only quantization (int8 weight-only, SmoothQuant,
+int8 KV cache) is needed. `serve_settings` gives the LLM_* settings that serve either kind.
 
 The flags were checked against TensorRT-LLM 1.2 sources: `examples/models/core/llama/convert_checkpoint.py`,
 `examples/quantization/quantize.py`, `tensorrt_llm/commands/build.py` and `tensorrt_llm/plugin/plugin.py`
@@ -50,10 +56,12 @@ GPUS: dict[str, Gpu] = {
     "h100-80gb": Gpu("NVIDIA H100 80GB HBM3", (9, 0), 80, "nvidia-h100-80gb"),
     "h200": Gpu("NVIDIA H200", (9, 0), 141, "nvidia-h200-141gb"),
     "b200": Gpu("NVIDIA B200", (10, 0), 180, "nvidia-b200"),
+    "rtx-pro-6000": Gpu("NVIDIA RTX PRO 6000 Blackwell Server Edition", (12, 0), 96, None),
 }
 MIN_TRTLLM_CC = (8, 0)  # TensorRT-LLM 1.2 supports Ampere, Ada, Hopper, Blackwell (support matrix)
 MIN_FP8_CC = (8, 9)  # FP8 tensor cores: Ada and newer
-BLACKWELL_CC = (10, 0)  # trtllm-build refuses integer quantization from here on
+BLACKWELL_CC = (10, 0)  # trtllm-build refuses integer quantization from here on ...
+BLACKWELL_RTX_CC = (12, 0)  # ... up to here: `if get_sm_version() >= 100 and get_sm_version() < 120` (builder.py)
 DEFAULT_MAX_NUM_TOKENS = 8192  # trtllm-build's BuildConfig.max_num_tokens
 WEIGHT_MEMORY_SHARE = 0.9  # weights may use at most this share of a GPU; the rest is KV cache and activations
 
@@ -77,6 +85,8 @@ QFORMATS: dict[str, str] = {
     "smoothquant": "int8_sq",
 }
 REPO_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
+# PEP 440 spellings of a 1.2 release: 1.2.0, 1.2.0rc6, 1.2.0rc6.post3, 1.2.1.post1, 1.2.0.dev2025...
+TRTLLM_1_2_VERSION = r"^1\.2\.\d+((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?$"
 
 
 class _Section(BaseModel):
@@ -149,6 +159,11 @@ class Build(_Section):
 
     @model_validator(mode="after")
     def _check_limits(self) -> Build:
+        if self.kv_cache_type != "paged" or not self.remove_input_padding:
+            raise ValueError(
+                "the C++ Executor, the runner that batches in flight, refuses engines without a paged KV cache or "
+                "packed input at load; keep kv_cache_type: paged and remove_input_padding: true"
+            )
         if self.max_input_len >= self.max_seq_len:
             raise ValueError(
                 f"max_input_len ({self.max_input_len}) must be below max_seq_len ({self.max_seq_len}) "
@@ -214,9 +229,7 @@ class Publish(_Section):
 class EngineSpec(_Section):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$", description="Equals the file name without .yaml.")
     description: str = ""
-    tensorrt_llm_version: str = Field(
-        pattern=r"^1\.2\.\d+([a-z]+\d+)?$", description="TensorRT-LLM 1.2 release of the serving image."
-    )
+    tensorrt_llm_version: str = Field(pattern=TRTLLM_1_2_VERSION, description="The serving image's TensorRT-LLM 1.2.")
     checkpoint: Checkpoint
     dtype: Literal["float16", "bfloat16"]
     quantization: Quantization = Quantization()
@@ -247,7 +260,7 @@ class EngineSpec(_Section):
                 f"{self.gpu.type} is {gpu.sm}; use int8 weights/KV cache there, or target l4, h100-80gb or h200"
             )
         integer = quant.weights in {"int8_weight_only", "int4_weight_only", "smoothquant"} or quant.kv_cache == "int8"
-        if integer and gpu.compute_capability >= BLACKWELL_CC:
+        if integer and BLACKWELL_CC <= gpu.compute_capability < BLACKWELL_RTX_CC:
             raise ValueError(
                 f"TensorRT-LLM refuses int8/int4 weight-only, SmoothQuant and int8 KV cache on {gpu.sm} "
                 f"({self.gpu.type}); use fp8 weights and KV cache there"
@@ -295,14 +308,7 @@ class EngineSpec(_Section):
 
     @model_validator(mode="after")
     def _check_weights_fit(self) -> EngineSpec:
-        per_gpu = self.weights_gb / self.parallelism.world_size
-        budget = WEIGHT_MEMORY_SHARE * self.gpu.gpu.memory_gb
-        if per_gpu > budget:
-            raise ValueError(
-                f"{self.checkpoint.params_billion:g}B parameters at {self.bits_per_weight} bits need ~{per_gpu:.0f} GB "
-                f"per GPU but a {self.gpu.type} leaves {budget:.0f} GB for weights; quantize further "
-                "(fp8/int8/int4) or raise parallelism.tensor"
-            )
+        check_weights_fit(self.checkpoint, self.bits_per_weight, self.parallelism.world_size, self.gpu)
         return self
 
     @property
@@ -328,11 +334,73 @@ class EngineSpec(_Section):
         return self.build.workers or self.parallelism.world_size
 
 
+def check_weights_fit(checkpoint: Checkpoint, bits: int, ranks: int, gpu: Target) -> None:
+    per_gpu = checkpoint.params_billion * bits / 8 / ranks
+    budget = WEIGHT_MEMORY_SHARE * gpu.gpu.memory_gb
+    if per_gpu > budget:
+        raise ValueError(
+            f"{checkpoint.params_billion:g}B parameters at {bits} bits need ~{per_gpu:.0f} GB "
+            f"per GPU but a {gpu.type} leaves {budget:.0f} GB for weights; quantize further "
+            "(fp8/int8/int4) or raise parallelism.tensor"
+        )
+
+
+# -- Checkpoint specs: no build, the LLM API serves the checkpoint ------------------------------
+
+
+class ServeLimits(_Section):
+    """What the LLM API is built with (`LLM(max_batch_size=..., max_seq_len=..., max_num_tokens=...)`)."""
+
+    max_batch_size: int = Field(ge=1, le=4096)
+    max_seq_len: int = Field(ge=2, description="Prompt plus generated tokens; at most the checkpoint's context.")
+    max_num_tokens: int | None = Field(default=None, ge=1, description="Tokens per engine step; default 8192.")
+
+
+class CheckpointSpeculative(_Section):
+    mode: Literal["draft_target", "eagle3"] = Field(description="A smaller model of the family, or an EAGLE-3 head.")
+    draft_repo: str = Field(pattern=REPO_ID, description="Hub repo of the draft checkpoint or EAGLE-3 head.")
+    max_draft_len: int = Field(ge=1, le=64)
+
+
+class CheckpointSpec(_Section):
+    """`serve: checkpoint`: no engine build; backend tensorrt_llm_llmapi loads the checkpoint as it is."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$", description="Equals the file name without .yaml.")
+    description: str = ""
+    tensorrt_llm_version: str = Field(pattern=TRTLLM_1_2_VERSION, description="The serving image's TensorRT-LLM 1.2.")
+    serve: Literal["checkpoint"]
+    checkpoint: Checkpoint
+    quantization: Literal["none", "fp8"] = Field(
+        default="none", description="fp8: the repo is a ModelOpt FP8 export (hf_quant_config.json)."
+    )
+    tensor_parallel: int = Field(default=1, ge=1, le=64)
+    limits: ServeLimits
+    speculative: CheckpointSpeculative | None = None
+    gpu: Target
+
+    @model_validator(mode="after")
+    def _check_gpu(self) -> CheckpointSpec:
+        gpu = self.gpu.gpu
+        if gpu.compute_capability < MIN_TRTLLM_CC:
+            raise ValueError(f"gpu {self.gpu.type} is {gpu.sm}; TensorRT-LLM 1.2 supports Ampere (sm_80) and newer")
+        if self.quantization == "fp8" and gpu.compute_capability < MIN_FP8_CC:
+            raise ValueError(
+                f"an FP8 checkpoint needs sm_89 or newer but {self.gpu.type} is {gpu.sm}; serve the bf16 checkpoint "
+                "there, or target l4, h100-80gb or h200"
+            )
+        if self.tensor_parallel != self.gpu.count:
+            raise ValueError(
+                f"tensor_parallel ({self.tensor_parallel}) must equal gpu.count ({self.gpu.count}): one rank per GPU"
+            )
+        check_weights_fit(self.checkpoint, 8 if self.quantization == "fp8" else 16, self.tensor_parallel, self.gpu)
+        return self
+
+
 class SpecError(ValueError):
     """A spec that cannot be built; the message names the file, the field and the fix."""
 
 
-def load_spec(path: Path) -> EngineSpec:
+def load_spec(path: Path) -> EngineSpec | CheckpointSpec:
     """Read and validate one spec; its `name` must equal its file name so engines are findable."""
     path = Path(path)
     try:
@@ -341,23 +409,59 @@ def load_spec(path: Path) -> EngineSpec:
         raise SpecError(f"{path}: cannot read the spec ({exc})") from exc
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec is a YAML mapping of keys (name, checkpoint, build, ...)")
+    kind: type[EngineSpec] | type[CheckpointSpec] = CheckpointSpec if "serve" in raw else EngineSpec
     try:
-        spec = EngineSpec.model_validate(raw)
+        spec = kind.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(f"{path}: " + "; ".join(_describe(error) for error in exc.errors())) from exc
+        raise SpecError(f"{path}: " + "; ".join(_describe(error, kind) for error in exc.errors())) from exc
     if spec.name != path.stem:
         raise SpecError(f"{path}: name '{spec.name}' must equal the file name; rename one to match the other")
     return spec
 
 
-def load_draft(target: EngineSpec, spec_dir: Path) -> EngineSpec | None:
+def serve_settings(spec: EngineSpec | CheckpointSpec, draft: EngineSpec | None = None) -> dict[str, str]:
+    """The LLM_* environment a deployment of this spec needs (model/settings.py reads it)."""
+    if isinstance(spec, CheckpointSpec):
+        settings = {
+            "LLM_BACKEND": "tensorrt_llm_llmapi",
+            "LLM_MODEL_REPO": spec.checkpoint.repo,
+            "LLM_TENSOR_PARALLEL_SIZE": str(spec.tensor_parallel),
+            "LLM_MAX_BATCH_SIZE": str(spec.limits.max_batch_size),
+            "LLM_MAX_SEQ_LEN": str(spec.limits.max_seq_len),
+        }
+        if spec.checkpoint.revision != "main":
+            settings["LLM_REVISION"] = spec.checkpoint.revision
+        if spec.limits.max_num_tokens is not None:
+            settings["LLM_MAX_NUM_TOKENS"] = str(spec.limits.max_num_tokens)
+        if spec.speculative is not None:
+            settings["LLM_DRAFT_MODEL_REPO"] = spec.speculative.draft_repo
+            settings["LLM_SPECULATIVE_MODE"] = spec.speculative.mode
+            settings["LLM_MAX_DRAFT_LEN"] = str(spec.speculative.max_draft_len)
+        return settings
+    settings = {
+        "LLM_BACKEND": "tensorrt_llm",
+        "LLM_MODEL_REPO": spec.publish.repo,
+        "LLM_SUBFOLDER": spec.engine_subfolder,
+        "LLM_MAX_BATCH_SIZE": str(spec.build.max_batch_size),
+    }
+    if draft is not None:
+        settings["LLM_DRAFT_MODEL_REPO"] = draft.publish.repo
+        settings["LLM_DRAFT_SUBFOLDER"] = draft.engine_subfolder
+    return settings
+
+
+def load_draft(target: EngineSpec | CheckpointSpec, spec_dir: Path) -> EngineSpec | None:
     """The draft spec a draft-target engine names, checked to be servable next to it."""
-    if target.speculative.draft is None:
+    if not isinstance(target, EngineSpec) or target.speculative.draft is None:
         return None
     path = Path(spec_dir) / f"{target.speculative.draft}.yaml"
     if not path.is_file():
         raise SpecError(f"{target.name}: speculative.draft '{target.speculative.draft}' has no spec at {path}")
     draft = load_spec(path)
+    if not isinstance(draft, EngineSpec):
+        raise SpecError(
+            f"{target.name}: speculative.draft '{draft.name}' is a checkpoint spec; a draft engine needs a build"
+        )
     check_draft_pairing(target, draft)
     return draft
 
@@ -387,11 +491,11 @@ def check_draft_pairing(target: EngineSpec, draft: EngineSpec) -> None:
         )
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], kind: type[BaseModel]) -> str:
     loc = ".".join(str(part) for part in error["loc"]) or "spec"
     if error["type"] == "extra_forbidden":
-        parent = _model_at(EngineSpec, error["loc"][:-1])
-        allowed = ", ".join(parent.model_fields) if parent else "see the Engines section of README.md"
+        parent = _model_at(kind, error["loc"][:-1])
+        allowed = ", ".join(parent.model_fields) if parent else "see docs/engines.md, A spec"
         return f"unknown key '{loc}'; remove it or fix its spelling (allowed here: {allowed})"
     if error["type"] == "missing":
         return f"'{loc}' is required"

@@ -30,7 +30,8 @@ class Backend(StrEnum):
     """Which generation engine serves the requests."""
 
     TORCH = "torch"
-    TENSORRT_LLM = "tensorrt_llm"
+    TENSORRT_LLM = "tensorrt_llm"  # a prebuilt engine (trtllm-build output): backends/trtllm/
+    TENSORRT_LLM_LLMAPI = "tensorrt_llm_llmapi"  # a Hugging Face checkpoint, no build: backends/trtllm_llmapi/
 
 
 class ServerSettings(BaseModel):
@@ -72,19 +73,51 @@ class ServerSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
-    # tensorrt_llm backend.
+    # tensorrt_llm and tensorrt_llm_llmapi backends.
     trtllm_runner: Literal["cpp", "python"] = "cpp"
-    kv_cache_free_gpu_memory_fraction: float = Field(default=0.9, gt=0.0, le=1.0)
-    enable_chunked_context: bool = False
+    kv_cache_free_gpu_memory_fraction: float = Field(
+        default=0.9,
+        gt=0.0,
+        le=1.0,
+        description="Share of the GPU memory free after the weights that the KV cache takes; with a draft model it is "
+        "split between target and draft.",
+    )
+    enable_chunked_context: bool | None = Field(
+        default=None,
+        description="Prefill long prompts in chunks (the LLM API's enable_chunked_prefill); None: on wherever the "
+        "engine supports it (paged KV cache and paged context FMHA).",
+    )
+    enable_block_reuse: bool | None = Field(
+        default=None,
+        description="Prefix caching (KV-cache block reuse); None: on wherever the engine supports it. Draft-target "
+        "target engines require it.",
+    )
+    max_num_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="tensorrt_llm_llmapi: tokens one engine step processes (default 8192); an engine's is built in.",
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, le=64, description="tensorrt_llm_llmapi: GPUs the model is split over (engines: built in)."
+    )
+    speculative_mode: Literal["draft_target", "eagle3"] = Field(
+        default="draft_target",
+        description="What draft_model_repo holds: a smaller model of the same family (draft_target), or an EAGLE-3 "
+        "head (eagle3, tensorrt_llm_llmapi only).",
+    )
     draft_model_repo: str | None = Field(
         default=None,
-        description="Hub repo id or local dir of a draft engine: turns on draft-target speculative decoding (cpp "
-        "runner, a target built with --speculative_decoding_mode draft_tokens_external). The target's revision "
-        "applies when it is the target's repo, else its main.",
+        description="Hub repo id or local dir of a draft: turns on speculative decoding. tensorrt_llm: a draft engine "
+        "(cpp runner, a target built with --speculative_decoding_mode draft_tokens_external); tensorrt_llm_llmapi: a "
+        "draft checkpoint or EAGLE-3 head (speculative_mode). The target's revision applies when it is the target's "
+        "repo, else its main.",
     )
     draft_subfolder: str | None = Field(default=None, description="Folder inside draft_model_repo holding the draft.")
     max_draft_len: int | None = Field(
-        default=None, ge=1, description="Draft tokens per round, at most the target's build max_draft_len (default)."
+        default=None,
+        ge=1,
+        description="Draft tokens per round; tensorrt_llm: at most the target's build max_draft_len (the default); "
+        "tensorrt_llm_llmapi: default 4.",
     )
 
     # Limits shared by both backends. None means: take it from the model/engine config.
@@ -140,10 +173,28 @@ class ServerSettings(BaseModel):
                 "draft_subfolder and max_draft_len need a draft engine; set draft_model_repo (LLM_DRAFT_MODEL_REPO) "
                 "or remove them"
             )
-        if self.draft_model_repo and (self.backend is not Backend.TENSORRT_LLM or self.trtllm_runner != "cpp"):
+        engine_cpp = self.backend is Backend.TENSORRT_LLM and self.trtllm_runner == "cpp"
+        if self.draft_model_repo and not (engine_cpp or self.backend is Backend.TENSORRT_LLM_LLMAPI):
             raise ValueError(
-                "draft-target speculative decoding runs on the C++ Executor only; set backend: tensorrt_llm and "
-                "trtllm_runner: cpp, or unset draft_model_repo"
+                "speculative decoding runs on TensorRT-LLM only; set backend: tensorrt_llm with trtllm_runner: cpp "
+                "(a draft engine) or backend: tensorrt_llm_llmapi (a draft checkpoint), or unset draft_model_repo"
+            )
+        if self.speculative_mode == "eagle3" and self.backend is not Backend.TENSORRT_LLM_LLMAPI:
+            raise ValueError(
+                "speculative_mode eagle3 needs backend: tensorrt_llm_llmapi (engines do draft-target only); "
+                "set speculative_mode: draft_target or change the backend"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_llmapi_only(self) -> ServerSettings:
+        """Knobs the LLM API takes at load but an engine fixed at build: refused on the engine path."""
+        if self.backend is Backend.TENSORRT_LLM_LLMAPI:
+            return self
+        if self.max_num_tokens is not None or self.tensor_parallel_size != 1:
+            raise ValueError(
+                "max_num_tokens and tensor_parallel_size apply to backend tensorrt_llm_llmapi; an engine's are fixed "
+                "by trtllm-build (build.max_num_tokens, parallelism.tensor in its engines/ spec), so unset them"
             )
         return self
 

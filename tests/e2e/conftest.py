@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,38 @@ class Server:
 
     def predict(self, body: dict, **kwargs) -> requests.Response:
         return requests.post(self.predict_url, json=body, timeout=300, **kwargs)
+
+    def metric(self, name: str) -> float:
+        """The value of an unlabelled metric on /metrics."""
+        text = requests.get(f"{self.url}/metrics", timeout=10).text
+        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        assert match, f"{name} missing from /metrics"
+        return float(match.group(1))
+
+
+def in_turn_and_at_once(server: Server, ask: Callable[[str], str], prompts: list[str]) -> tuple[list, list, float]:
+    """(answers one after another, answers all at once, most requests seen generating at once)."""
+    sequential = [ask(p) for p in prompts]
+    running = [0.0]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = [pool.submit(ask, p) for p in prompts]
+        while not all(answer.done() for answer in answers):
+            running.append(server.metric("llm_requests_running"))
+            time.sleep(0.05)
+        concurrent = [answer.result() for answer in answers]
+    return sequential, concurrent, max(running)
+
+
+def assert_a_dropped_stream_stops(server: Server, request: dict, within_s: float) -> None:
+    """Drop `request`'s stream after its first piece; no request may still generate `within_s` later."""
+    with server.predict({**request, "stream": True}, stream=True) as response:
+        chunks = response.iter_content(chunk_size=None)  # kept: a discarded iterator closes the connection
+        next(chunks)
+        assert server.metric("llm_requests_running") >= 1
+    deadline = time.monotonic() + within_s
+    while server.metric("llm_requests_running") > 0:
+        assert time.monotonic() < deadline, "the dropped request is still generating"
+        time.sleep(0.2)
 
 
 def _log_excerpt(log: Path) -> str:

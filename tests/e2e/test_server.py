@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.e2e.conftest import Server
+from tests.e2e.conftest import Server, assert_a_dropped_stream_stops, in_turn_and_at_once
 
 CHAT = [{"role": "user", "content": "What is a mistral?"}]
 
@@ -26,13 +25,6 @@ def _stream(server: Server, body: dict) -> tuple[list[str], float, float]:
             first_at = first_at or time.perf_counter() - started
             pieces.append(chunk.decode("utf-8"))  # strict: a split multi-byte character would raise
     return pieces, first_at or 0.0, time.perf_counter() - started
-
-
-def _metric(server: Server, name: str) -> float:
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} missing from /metrics"
-    return float(match.group(1))
 
 
 def test_readiness_is_503_until_loaded(server: Server) -> None:
@@ -107,16 +99,9 @@ def test_concurrent_requests_are_batched_and_not_mixed_up(server: Server) -> Non
     def ask(prompt: str) -> str:
         return server.predict({"prompt": prompt, "max_new_tokens": 24, "ignore_eos": True}).json()["output"]
 
-    sequential = [ask(p) for p in prompts]
-    running = []
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        answers = [pool.submit(ask, p) for p in prompts]
-        while not all(answer.done() for answer in answers):
-            running.append(_metric(server, "llm_requests_running"))
-            time.sleep(0.05)
-        concurrent = [answer.result() for answer in answers]
+    sequential, concurrent, running = in_turn_and_at_once(server, ask, prompts)
     assert concurrent == sequential  # each request got its own answer
-    assert max(running) >= 2, f"never more than one request generating at once: {running}"
+    assert running >= 2, "never more than one request generating at once"
 
 
 BAD_REQUESTS = [
@@ -161,15 +146,8 @@ def test_malformed_json_is_a_400_and_the_server_keeps_serving(server: Server) ->
 
 def test_client_disconnect_cancels_generation(server: Server) -> None:
     """A 2000-token stream dropped after its first piece leaves no request in flight."""
-    request = {"prompt": "Tell me a long story.", "max_new_tokens": 2000, "ignore_eos": True, "stream": True}
-    with server.predict(request, stream=True) as response:
-        chunks = response.iter_content(chunk_size=None)  # kept: a discarded iterator closes the connection
-        next(chunks)
-        assert _metric(server, "llm_requests_running") >= 1
-    deadline = time.monotonic() + 20  # the full generation would take minutes on CPU
-    while _metric(server, "llm_requests_running") > 0:
-        assert time.monotonic() < deadline, "the dropped request is still generating"
-        time.sleep(0.2)
+    request = {"prompt": "Tell me a long story.", "max_new_tokens": 2000, "ignore_eos": True}
+    assert_a_dropped_stream_stops(server, request, within_s=20)  # the full generation would take minutes on CPU
 
 
 def test_local_serve_listens_on_loopback_only(server: Server) -> None:

@@ -10,6 +10,7 @@ import pytest
 from model.artifacts import Artifacts
 from model.backends.torch_batcher import TorchBackend
 from model.settings import load_settings
+from tests.unit.trtllm_fixtures import artifacts, engine_dir, fake, make_backend  # noqa: F401 - pytest fixtures
 
 
 @pytest.fixture(scope="module")

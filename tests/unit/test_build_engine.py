@@ -170,6 +170,21 @@ def test_dry_run_prints_the_generated_commands_and_runs_nothing(
     assert hub.calls == []
 
 
+def test_dry_run_ends_with_the_settings_that_serve_the_engine(hub: FakeHub, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(TP4_SPEC), "--dry-run"], api=hub) == 0
+    out = capsys.readouterr().out
+    assert "# serve with:\n#   LLM_BACKEND=tensorrt_llm\n#   LLM_MODEL_REPO=llm-trtllm-server/Llama-2-7b-trtllm" in out
+
+
+def test_a_checkpoint_spec_builds_nothing_and_prints_its_settings(hub: FakeHub, capsys: pytest.CaptureFixture[str]):
+    spec = ENGINES / "checkpoint" / "mistral-7b-instruct-v0.2-checkpoint-h100.yaml"
+    machine = Machine(*(lambda *_: pytest.fail("a checkpoint spec probed the machine") for _ in range(6)))
+    assert main([str(spec)], api=hub, machine=machine, runner=lambda *_: pytest.fail("ran a tool")) == 0
+    out = capsys.readouterr().out
+    assert "no build, backend tensorrt_llm_llmapi serves mistralai/Mistral-7B-Instruct-v0.2" in out
+    assert "#   LLM_BACKEND=tensorrt_llm_llmapi" in out and hub.calls == []
+
+
 def test_dry_run_without_publish_has_no_publish_stage(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(TP4_SPEC), "--dry-run", "--no-publish"], api=FakeHub()) == 0
     out = capsys.readouterr().out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import yaml
 
 from scripts.engine_spec import (
     BuildPaths,
+    CheckpointSpec,
     EngineSpec,
     SpecError,
     build_command,
@@ -25,6 +27,7 @@ from scripts.engine_spec import (
     checkpoint_command,
     load_draft,
     load_spec,
+    serve_settings,
 )
 
 ENGINES = Path(__file__).resolve().parents[2] / "engines"
@@ -474,8 +477,16 @@ BAD_SPECS = {
         spec_with(build={"max_input_len": 16384, "max_seq_len": 32768, "paged_context_fmha": False}),
         "max_num_tokens (8192) is below max_input_len (16384), so long prompts need chunked context",
     ),
-    "paged context FMHA on a contiguous KV cache": (
-        spec_with(build={"kv_cache_type": "continuous"}),
+    "a contiguous KV cache, which the C++ Executor refuses": (
+        spec_with(build={"kv_cache_type": "continuous", "paged_context_fmha": False}),
+        "refuses engines without a paged KV cache or packed input at load; keep kv_cache_type: paged",
+    ),
+    "padded input, which the C++ Executor refuses": (
+        spec_with(build={"remove_input_padding": False}),
+        "keep kv_cache_type: paged and remove_input_padding: true",
+    ),
+    "paged context FMHA without context FMHA": (
+        spec_with(build={"context_fmha": False}),
         "paged_context_fmha needs context_fmha: true and kv_cache_type: paged",
     ),
     "70B in fp16 on one H200": (
@@ -532,6 +543,18 @@ def test_bad_spec_is_refused_with_the_fix(tmp_path: Path, data: dict[str, Any], 
         load_spec(path)
     assert str(error.value).startswith(f"{path}: ")
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("version", ["1.2.0", "1.2.0rc6", "1.2.0rc6.post3", "1.2.1.post1", "1.2.0.dev2025120200"])
+def test_every_pep_440_spelling_of_a_1_2_release_is_accepted(tmp_path: Path, version: str) -> None:
+    assert load_spec(write_spec(tmp_path, spec_with(tensorrt_llm_version=version))).tensorrt_llm_version == version
+
+
+def test_integer_quantization_is_refused_on_sm_100_only_up_to_sm_120(tmp_path: Path) -> None:
+    """builder.py: `if get_sm_version() >= 100 and get_sm_version() < 120`; the RTX PRO 6000 is sm_120."""
+    spec = load_spec(write_spec(tmp_path, spec_with(quantization={"weights": "int8_weight_only"},
+                                                    gpu={"type": "rtx-pro-6000"})))  # fmt: skip
+    assert spec.gpu.gpu.sm == "sm_120"
 
 
 def test_valid_spec_loads(tmp_path: Path) -> None:
@@ -604,3 +627,79 @@ def test_bad_draft_pairing_is_refused(tmp_path: Path, draft: dict[str, Any], mes
     target = EngineSpec.model_validate(TARGET)
     with pytest.raises(SpecError, match=message):
         check_draft_pairing(target, EngineSpec.model_validate(draft))
+
+
+# -- checkpoint specs: no build ---------------------------------------------------------------------
+
+CHECKPOINT_SPECS = ENGINES / "checkpoint"
+VALID_CHECKPOINT: dict[str, Any] = {
+    "name": "test-checkpoint",
+    "tensorrt_llm_version": "1.2.0",
+    "serve": "checkpoint",
+    "checkpoint": {"repo": "org/model-fp8", "architecture": "LlamaForCausalLM", "params_billion": 8.0},
+    "quantization": "fp8",
+    "limits": {"max_batch_size": 16, "max_seq_len": 8192},
+    "gpu": {"type": "h100-80gb"},
+}
+
+
+@pytest.mark.parametrize("path", sorted(CHECKPOINT_SPECS.glob("*.yaml")), ids=lambda path: path.stem)
+def test_shipped_checkpoint_specs_load_and_name_their_serving_settings(path: Path) -> None:
+    spec = load_spec(path)
+    assert isinstance(spec, CheckpointSpec)
+    settings = serve_settings(spec)
+    assert settings["LLM_BACKEND"] == "tensorrt_llm_llmapi" and settings["LLM_MODEL_REPO"] == spec.checkpoint.repo
+    assert settings["LLM_MAX_SEQ_LEN"] == str(spec.limits.max_seq_len)
+
+
+def test_the_70b_checkpoint_spec_serves_fp8_with_an_eagle3_head() -> None:
+    spec = load_spec(CHECKPOINT_SPECS / "llama-3.3-70b-instruct-fp8-checkpoint-h200.yaml")
+    assert serve_settings(spec) == {
+        "LLM_BACKEND": "tensorrt_llm_llmapi",
+        "LLM_MODEL_REPO": "nvidia/Llama-3.3-70B-Instruct-FP8",
+        "LLM_TENSOR_PARALLEL_SIZE": "1",
+        "LLM_MAX_BATCH_SIZE": "32",
+        "LLM_MAX_SEQ_LEN": "131072",
+        "LLM_MAX_NUM_TOKENS": "8192",
+        "LLM_DRAFT_MODEL_REPO": "yuhuili/EAGLE3-LLaMA3.3-Instruct-70B",
+        "LLM_SPECULATIVE_MODE": "eagle3",
+        "LLM_MAX_DRAFT_LEN": "3",
+    }
+
+
+def test_an_engine_spec_names_its_published_engine_and_draft() -> None:
+    target = load_spec(ENGINES / "llama-3.3-70b-instruct-fp8-h200.yaml")
+    assert isinstance(target, EngineSpec)
+    settings = serve_settings(target, load_draft(target, ENGINES))
+    assert (settings["LLM_BACKEND"], settings["LLM_SUBFOLDER"]) == ("tensorrt_llm", "llama-3.3-70b-instruct-fp8-h200")
+    assert settings["LLM_DRAFT_SUBFOLDER"] == "llama-3.2-1b-instruct-fp8-draft-h200"
+
+
+BAD_CHECKPOINT_SPECS = {
+    "fp8 checkpoint on an A100": (
+        spec_with(VALID_CHECKPOINT, gpu={"type": "a100-80gb"}),
+        "an FP8 checkpoint needs sm_89 or newer but a100-80gb is sm_80",
+    ),
+    "tensor parallel without the GPUs": (
+        spec_with(VALID_CHECKPOINT, tensor_parallel=2),
+        "tensor_parallel (2) must equal gpu.count (1)",
+    ),
+    "70B in bf16 on one H100": (
+        spec_with(VALID_CHECKPOINT, quantization="none", checkpoint={"params_billion": 70.6}),
+        "70.6B parameters at 16 bits need ~141 GB per GPU",
+    ),
+    "a build section in a checkpoint spec": (
+        spec_with(VALID_CHECKPOINT, build={"max_batch_size": 8}),
+        "unknown key 'build'",
+    ),
+    "speculation without a draft": (
+        spec_with(VALID_CHECKPOINT, speculative={"mode": "eagle3", "max_draft_len": 3}),
+        "'speculative.draft_repo' is required",
+    ),
+}
+
+
+@pytest.mark.parametrize(("data", "message"), BAD_CHECKPOINT_SPECS.values(), ids=BAD_CHECKPOINT_SPECS.keys())
+def test_bad_checkpoint_spec_is_refused_with_the_fix(tmp_path: Path, data: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_spec(write_spec(tmp_path, data))

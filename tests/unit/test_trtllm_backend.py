@@ -11,11 +11,9 @@ plain decoding, in fewer target steps when the draft agrees, with its settings c
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,82 +21,25 @@ from typing import Any
 import pytest
 
 from model import engine_meta
-from model.artifacts import Artifacts, resolve_artifacts
+from model.artifacts import Artifacts
 from model.backends.base import Limits, SamplingParams, TokenChunk
 from model.backends.trtllm import TrtllmBackend, serve_worker_rank
 from model.backends.trtllm.executor import executor_of
 from model.errors import ArtifactError, BackendError, EngineMismatchError
 from model.settings import Backend, ServerSettings, SettingsError, load_settings
-from tests.doubles.trtllm import FakeModel, FakeTrtllm, write_engine_config
-
-PAD, END, IM_END = 0, 2, 3  # IM_END: a chat model's end-of-turn token, listed in generation_config.json
-GREEDY = SamplingParams(max_new_tokens=12)
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeTrtllm:
-    fake = FakeTrtllm().install(monkeypatch)
-    monkeypatch.setattr(engine_meta, "verify_engine_compatible", lambda d: fake.events.append(("verify", str(d))))
-    return fake
-
-
-@pytest.fixture
-def engine_dir(tmp_path: Path) -> Path:
-    write_engine_config(tmp_path / "engine", max_batch_size=8, max_input_len=64, max_seq_len=128)
-    return tmp_path / "engine"
-
-
-@pytest.fixture
-def artifacts(tmp_path: Path, engine_dir: Path) -> Artifacts:
-    tokenizer_dir = tmp_path / "tokenizer"
-    tokenizer_dir.mkdir()
-    (tokenizer_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [END, IM_END]}))
-    return Artifacts(model_dir=engine_dir, tokenizer_dir=tokenizer_dir)
-
-
-@pytest.fixture
-def make_backend(artifacts: Artifacts, tmp_path: Path) -> Iterator[Callable[..., TrtllmBackend]]:
-    """Loads a backend (not started, so tests can queue requests first); shuts every one down after."""
-    loaded: list[TrtllmBackend] = []
-
-    def fetch(settings: ServerSettings) -> Artifacts:  # what model.py binds: the real resolver, cache and token
-        return resolve_artifacts(settings, tmp_path / "cache", None)
-
-    def make(**settings: Any) -> TrtllmBackend:
-        values = {"backend": Backend.TENSORRT_LLM, "max_batch_size": 8, **settings}
-        tokenizer = SimpleNamespace(eos_token_id=END, pad_token_id=PAD)
-        loaded.append(TrtllmBackend.load(ServerSettings(**values), artifacts, tokenizer, fetch))
-        return loaded[-1]
-
-    yield make
-    for backend in loaded:
-        backend.shutdown()
-
-
-async def collect(backend: TrtllmBackend, prompt: list[int], params: SamplingParams) -> list[TokenChunk]:
-    return [chunk async for chunk in backend.generate(prompt, params)]
-
-
-def serve_all(backend: TrtllmBackend, requests: list[tuple[list[int], SamplingParams]]) -> list[Any]:
-    """Queue every request, then start the engine thread, so its first step sees them all at once."""
-
-    async def main() -> list[Any]:
-        tasks = [asyncio.create_task(collect(backend, prompt, params)) for prompt, params in requests]
-        for _ in range(3):
-            await asyncio.sleep(0)  # each task runs up to its first await: its Submission is queued
-        backend.start()
-        return await asyncio.gather(*tasks, return_exceptions=True)
-
-    return asyncio.run(main())
-
-
-def tokens_of(chunks: list[TokenChunk]) -> list[int]:
-    return [token for chunk in chunks for token in chunk.token_ids]
-
-
-def prompts(count: int) -> list[list[int]]:
-    return [[100 + i, 200 + 3 * i, 300 + i * i][: 1 + i % 3] for i in range(count)]
-
+from tests.doubles.trtllm import FakeModel, write_engine_config
+from tests.unit.trtllm_fixtures import (
+    END,
+    GREEDY,
+    IM_END,
+    PAD,
+    answer,
+    collect,
+    prompts,
+    serve_all,
+    tokens_of,
+    wait_until,
+)
 
 # -- cpp runner: the Executor --------------------------------------------------------------------
 
@@ -264,10 +205,12 @@ def test_a_failed_engine_check_stops_the_load(fake, make_backend, monkeypatch) -
 
 def test_limits_come_from_the_engine_config_capped_by_settings(fake, make_backend) -> None:
     backend = make_backend(max_batch_size=4, max_new_tokens_limit=2048, kv_cache_free_gpu_memory_fraction=0.8)
-    assert backend.limits == Limits(max_input_len=64, max_seq_len=128, max_new_tokens=127, max_batch_size=4)
+    # chunked context is on by default here (paged context FMHA), so prompts may fill max_seq_len - 1
+    assert backend.limits == Limits(max_input_len=127, max_seq_len=128, max_new_tokens=127, max_batch_size=4)
     call = fake.from_dir_calls[0]
-    assert (call["max_batch_size"], call["max_input_len"], call["max_beam_width"]) == (4, 64, 1)
-    assert (call["kv_cache_free_gpu_memory_fraction"], call["enable_chunked_context"]) == (0.8, False)
+    assert (call["max_batch_size"], call["max_input_len"], call["max_beam_width"]) == (4, None, 1)
+    assert (call["kv_cache_free_gpu_memory_fraction"], call["enable_chunked_context"]) == (0.8, True)
+    assert (call["kv_cache_enable_block_reuse"], call["fail_fast_on_attention_window_too_large"]) == (True, True)
     assert (call["rank"], call["is_orchestrator_mode"]) == (0, False)
 
     smaller = make_backend(
@@ -277,7 +220,7 @@ def test_limits_come_from_the_engine_config_capped_by_settings(fake, make_backen
 
 
 @pytest.mark.parametrize(
-    ("setting", "value", "built"), [("max_batch_size", 32, 8), ("max_input_len", 65, 64), ("max_seq_len", 256, 128)]
+    ("setting", "value", "built"), [("max_batch_size", 32, 8), ("max_input_len", 128, 127), ("max_seq_len", 256, 128)]
 )
 def test_settings_above_the_engine_are_refused_with_the_fix(fake, make_backend, setting, value, built) -> None:
     with pytest.raises(SettingsError) as refused:
@@ -296,7 +239,7 @@ def test_a_folder_without_engine_config_is_an_artifact_error(fake, make_backend,
 def test_a_tokenizer_from_another_model_is_refused(fake, artifacts) -> None:
     tokenizer = SimpleNamespace(eos_token_id=5000, pad_token_id=None)
     settings = ServerSettings(backend=Backend.TENSORRT_LLM, max_batch_size=8)
-    with pytest.raises(EngineMismatchError, match="outside this engine's vocabulary"):
+    with pytest.raises(EngineMismatchError, match="outside the model's vocabulary"):
         TrtllmBackend.load(settings, artifacts, tokenizer)
 
 
@@ -445,13 +388,6 @@ def test_the_two_runners_agree(fake, make_backend) -> None:
     assert answers[:2] == [([90], "stop"), ([91, 92], "stop")]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
-
-
 # -- draft-target speculative decoding -----------------------------------------------------------
 
 
@@ -470,10 +406,6 @@ def make_speculative(make_backend, draft_repo) -> Callable[..., TrtllmBackend]:
         return make_backend(draft_model_repo=str(draft_repo), draft_subfolder="draft-1b", **settings)
 
     return make
-
-
-def answer(chunks: list[TokenChunk]) -> tuple[list[int], str | None]:
-    return tokens_of(chunks), chunks[-1].finish_reason
 
 
 def test_speculative_greedy_outputs_equal_plain_outputs(fake, make_backend, make_speculative, draft_repo) -> None:
@@ -519,7 +451,7 @@ def test_an_agreeing_draft_takes_one_target_step_per_draft_len_plus_one_tokens(f
     assert first.draft_tokens == fake.model.tokens(prompt, 4) and not first.streaming
     for call in fake.from_dir_calls:
         assert call["kv_cache_enable_block_reuse"] and call["is_orchestrator_mode"]
-        assert call["max_input_len"] == backend.limits.max_seq_len - 1  # rounds send prompt + tokens so far
+        assert call["max_input_len"] is None  # the Executor ignores it; the limits keep rounds within the inputs
 
 
 def test_speculative_rounds_continue_from_the_accepted_tokens(fake, make_speculative, draft_repo) -> None:
@@ -585,9 +517,11 @@ def test_a_failed_round_fails_only_its_request(fake, make_speculative, draft_rep
 def test_speculative_load_checks_the_draft_and_keeps_sequences_within_both_engines(
     fake, make_speculative, draft_repo
 ) -> None:
-    backend = make_speculative()
+    write_engine_config(draft_repo / "draft-1b", max_num_tokens=64)
+    backend = make_speculative(enable_chunked_context=False)
     assert ("verify", str(draft_repo / "draft-1b")) in fake.events
-    # each round's input (prompt + tokens so far) must fit max_input_len 64: sequences end at 65
+    # without chunked context each round's input (prompt + tokens so far) must fit the draft's
+    # min(max_seq_len - 1, max_num_tokens 64): sequences end at 65
     assert backend.limits == Limits(max_input_len=64, max_seq_len=65, max_new_tokens=64, max_batch_size=8)
 
 
@@ -617,7 +551,9 @@ def test_a_missing_draft_subfolder_names_the_draft_settings(fake, make_backend, 
     ("environ", "fix"),
     [
         ({"LLM_MAX_DRAFT_LEN": "4"}, "set draft_model_repo (LLM_DRAFT_MODEL_REPO)"),
-        ({"LLM_DRAFT_MODEL_REPO": "org/drafts"}, "set backend: tensorrt_llm and trtllm_runner: cpp"),
+        ({"LLM_DRAFT_MODEL_REPO": "org/drafts"}, "set backend: tensorrt_llm with trtllm_runner: cpp"),
+        ({"LLM_SPECULATIVE_MODE": "eagle3", "LLM_BACKEND": "tensorrt_llm"}, "needs backend: tensorrt_llm_llmapi"),
+        ({"LLM_MAX_NUM_TOKENS": "4096", "LLM_BACKEND": "tensorrt_llm"}, "build.max_num_tokens"),
         (
             {"LLM_DRAFT_MODEL_REPO": "org/drafts", "LLM_BACKEND": "tensorrt_llm", "LLM_TRTLLM_RUNNER": "python"},
             "trtllm_runner: cpp",

@@ -29,6 +29,10 @@ def load_backend(
         from model.backends.trtllm import TrtllmBackend
 
         backend: BatchingBackend = TrtllmBackend.load(settings, artifacts, tokenizer, fetch)
+    elif settings.backend is Backend.TENSORRT_LLM_LLMAPI:
+        from model.backends.trtllm_llmapi import LlmApiBackend
+
+        backend = LlmApiBackend.load(settings, artifacts, tokenizer, fetch)
     else:
         from model.backends.torch_batcher import TorchBackend
 

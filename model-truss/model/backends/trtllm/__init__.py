@@ -2,8 +2,12 @@
 
 Contract (`model/backends/base.py`): prompt ids in, `TokenChunk`s of new ids out. No chunk holds the
 prompt or the end token; the last chunk says "stop" (end or stop token) or "length" (max_new_tokens or
-the engine's max_seq_len). An error inside the engine for one request fails that request alone.
-`tensorrt_llm` is imported only in `load` (it needs a GPU). Concurrent requests are never serialized:
+the engine's max_seq_len). A request the runtime refuses fails alone; an error inside an engine step
+fails the requests that step was running (TensorRT-LLM's own behaviour, see `executor`), and the engine
+goes on serving. Before anything is loaded, `runtime_rules` refuses an engine or settings the runtime
+would refuse, turns on prefix caching and chunked context where the engine supports them, and derives
+the prompt limit as the runtime does. `tensorrt_llm` is imported only in `load` (it needs a GPU).
+Concurrent requests are never serialized:
 
 - `trtllm_runner: cpp` (default): in-flight batching. `ModelRunnerCpp.from_dir(...)` builds the C++
   `Executor` (`runner.session`). `runner.generate()` is never called: it blocks until its own batch is
@@ -45,12 +49,13 @@ The python runner serves one-rank engines only.
 Modules, in the order a request meets them:
 - this one: `TrtllmBackend.load` checks the engine, reads its limits and picks one of the three engines;
   `_Engine` is what each of them offers the engine thread.
-- `engine_config`: what the engine folder says and what follows from it (`EngineSpec`, the limits, the
-  token ids, the launch layout).
+- `engine_config`: what the engine folder says (`EngineSpec`, the token ids, the launch layout).
+- `runtime_rules`: what the runtime derives from it or refuses (limits, chunked context, block reuse).
 - `executor`: the C++ Executor loop (`ExecutorEngine`), its `Request`s, and `serve_worker_rank`.
 - `speculative`: draft-target speculative decoding over two Executors (`SpeculativeEngine`).
 - `static_batch`: the python runner's dynamic static batching (`StaticBatchEngine`).
-- `shared`: the seed and the last chunk, used by more than one engine.
+- `shared`: ids, the seed, the last chunk and the draft's settings, used by more than one engine (and by
+  the LLM-API backend, model/backends/trtllm_llmapi/).
 
 Each module's docstring lists the NVIDIA/TensorRT-LLM sources it was checked against through the code
 index (1.2.0rc2 is commit b35ac1b6), and what was checked only against the double (tests/doubles/trtllm.py).
@@ -66,9 +71,17 @@ from typing import Protocol
 from transformers import PreTrainedTokenizerBase
 
 from model.artifacts import Artifacts
-from model.backends.base import BatchingBackend, Limits, Submission
-from model.backends.trtllm.engine_config import EngineSpec, engine_limits, token_ids
+from model.backends.base import BatchingBackend, EngineStats, Limits, Submission
+from model.backends.trtllm.engine_config import EngineSpec
 from model.backends.trtllm.executor import ExecutorEngine, serve_worker_rank
+from model.backends.trtllm.runtime_rules import (
+    check_executor_build,
+    engine_limits,
+    executor_input_limit,
+    runtime_options,
+    session_input_limit,
+)
+from model.backends.trtllm.shared import token_ids
 from model.backends.trtllm.speculative import SpeculativeEngine, load_draft, speculative_limits
 from model.backends.trtllm.static_batch import StaticBatchEngine
 from model.settings import ServerSettings
@@ -81,11 +94,15 @@ logger = logging.getLogger(__name__)
 class _Engine(Protocol):
     """One way of driving TensorRT-LLM from the engine thread."""
 
+    supports: frozenset[str]  # the optional SamplingParams features it honours
+
     def has_work(self) -> bool: ...
 
     def step(self, new: list[Submission], cancelled: set[int]) -> None: ...
 
     def fail_all(self, exc: BaseException) -> None: ...
+
+    def stats(self) -> EngineStats: ...
 
     def close(self) -> None: ...
 
@@ -96,6 +113,7 @@ class TrtllmBackend(BatchingBackend):
     def __init__(self, engine: _Engine, limits: Limits, stop_ids: frozenset[int]) -> None:
         super().__init__(limits, stop_ids)
         self.engine = engine
+        self.supports = engine.supports
 
     @classmethod
     def load(
@@ -115,25 +133,38 @@ class TrtllmBackend(BatchingBackend):
         engine_dir = artifacts.model_dir
         verify_engine_compatible(engine_dir)  # before TensorRT deserializes anything
         spec = EngineSpec.read(engine_dir)
-        limits = engine_limits(settings, spec)
-        ids = token_ids(tokenizer, artifacts, spec)
-        draft = load_draft(settings, spec, artifacts, fetch) if settings.draft_model_repo else None
+        ids = token_ids(tokenizer, artifacts, spec.vocab_size)
         if settings.trtllm_runner == "python":
+            limits = engine_limits(settings, spec, session_input_limit(spec))
             engine: _Engine = StaticBatchEngine.build(spec, limits, ids, engine_dir)
-        elif draft is not None:
-            limits = speculative_limits(limits, spec, draft.spec)
-            engine = SpeculativeEngine.build(settings, limits, ids, engine_dir, draft)
+            logger.info("tensorrt_llm backend: python runner, %s", limits)
+            return cls(engine, limits, ids.stop_ids)
+        check_executor_build(spec)
+        options = runtime_options(settings, spec)
+        input_limit = executor_input_limit(spec, options)
+        limits = engine_limits(settings, spec, input_limit)
+        draft = load_draft(settings, spec, artifacts, fetch) if settings.draft_model_repo else None
+        if draft is not None:
+            limits = speculative_limits(limits, input_limit, draft)
+            engine = SpeculativeEngine.build(settings, limits, ids, engine_dir, (spec, options), draft)
         else:
-            engine = ExecutorEngine.build(settings, spec, limits, ids, engine_dir)
+            engine = ExecutorEngine.build(settings, spec, limits, ids, engine_dir, options)
         logger.info(
-            "tensorrt_llm backend: %s runner, %d rank(s), end_id %d, stop ids %s, %s",
-            settings.trtllm_runner,
+            "tensorrt_llm backend: cpp runner, %d rank(s), chunked context %s, block reuse %s, prompts up to %d "
+            "tokens (%s), end_id %d, stop ids %s, %s",
             spec.world_size,
+            options.chunked_context,
+            options.block_reuse,
+            limits.max_input_len,
+            input_limit.rule,
             ids.end_id,
             sorted(ids.stop_ids),
             f"draft-target with {draft.draft_len} draft tokens from {draft.engine_dir}" if draft else "no draft",
         )
         return cls(engine, limits, ids.stop_ids)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
 
     def _has_work(self) -> bool:
         return self.engine.has_work()

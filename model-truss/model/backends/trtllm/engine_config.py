@@ -1,17 +1,19 @@
-"""What a TensorRT-LLM engine folder says, and what follows from it for this server.
+"""What a TensorRT-LLM engine folder says, and the launch layout that follows from it.
 
-`EngineSpec.read` parses the `config.json` trtllm-build wrote (build limits, parallel layout, draft
-support); `engine_limits` lowers those limits by the settings and refuses settings above them;
-`token_ids` takes the end, pad and stop ids from the tokenizer and checks them against the engine's
-vocabulary; `launch_layout` says which MPI rank this process is and whether the Executor runs in
-orchestrator mode (see the package docstring's Multi-GPU section).
+`EngineSpec.read` parses the `config.json` trtllm-build wrote (build limits, plugin switches, parallel
+layout, speculative mode, the model's KV-cache shape); `launch_layout` says which MPI
+rank this process is and whether the Executor runs in orchestrator mode (see the package
+docstring's Multi-GPU section). What the C++ runtime derives from these fields, or refuses, is in
+`runtime_rules`.
 
 Checked against NVIDIA/TensorRT-LLM through the code index:
-- examples/run.py and examples/utils.py (pad_id falls back to end_id), _utils.py (000a01de, 1.0.0rc4).
-- Draft-target: models/modeling_utils.py and builder.py (`SpeculativeDecodingMode` IntFlag,
-  DRAFT_TOKENS_EXTERNAL = 2; `build_config.max_draft_len` / `speculative_decoding_mode` in config.json).
-Only against the double (tests/doubles/trtllm.py): how config.json spells the draft-target mode (the int
-and the name are both accepted).
+- _utils.py (000a01de, 1.0.0rc4): mpi_rank, mpi_world_size.
+- tensorrt_llm/builder.py (008b2b8d): `BuildConfig` fields and `to_dict` (kv_cache_type written as its enum
+  name, plugin_config as a dict), `build()` raising max_seq_len by max_draft_len for every speculative mode
+  ("Maximum number of generated tokens remains the same"); models/modeling_utils.py (`SpeculativeDecodingMode`
+  IntFlag: NONE 1, DRAFT_TOKENS_EXTERNAL 2, MEDUSA 4, LOOKAHEAD_DECODING 8, EXPLICIT_DRAFT_TOKENS 16, EAGLE 32).
+Only against the double (tests/doubles/trtllm.py): how config.json spells the speculative mode (the int and
+the name are both accepted).
 """
 
 from __future__ import annotations
@@ -21,30 +23,45 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
-
-from model.artifacts import Artifacts
-from model.backends.base import Limits
 from model.errors import ArtifactError, EngineMismatchError
-from model.prompting import stop_token_ids
-from model.settings import ServerSettings, SettingsError
 
-DRAFT_TOKENS_EXTERNAL = 2  # SpeculativeDecodingMode.DRAFT_TOKENS_EXTERNAL, an IntFlag (NONE = 1) in config.json
+# SpeculativeDecodingMode, an IntFlag that config.json stores as its int value.
+SPECULATIVE_MODES = {1: "none", 2: "draft_tokens_external", 4: "medusa", 8: "lookahead_decoding",
+                     16: "explicit_draft_tokens", 32: "eagle"}  # fmt: skip
+KV_BYTES = {"FP8": 1, "INT8": 1}  # KV-cache element size by kv_cache_quant_algo; else the model dtype's
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """What trtllm-build wrote to the engine's `config.json`: build limits and parallel layout."""
+    """What trtllm-build wrote to the engine's `config.json`."""
 
     max_batch_size: int
     max_input_len: int
-    max_seq_len: int
+    max_seq_len: int  # as config.json says, i.e. as the runtime sees it (raised by max_draft_len: built_max_seq_len)
+    max_num_tokens: int
     vocab_size: int
     tp_size: int
     pp_size: int
     world_size: int  # ranks, one per GPU
+    kv_bytes_per_token: int  # one token's KV cache on one rank: 2 (K, V) x layers x kv heads x head size x bytes
+    context_fmha: bool = True
+    paged_context_fmha: bool = False
+    remove_input_padding: bool = True
+    paged_kv_cache: bool = True
+    gpt_attention_plugin: bool = True
+    gather_context_logits: bool = False
     max_draft_len: int = 0  # draft tokens one target step can verify (trtllm-build --max_draft_len)
-    draft_tokens_external: bool = False  # built with --speculative_decoding_mode draft_tokens_external
+    speculative_mode: str = "none"  # a SPECULATIVE_MODES value
+
+    @property
+    def draft_tokens_external(self) -> bool:
+        return self.speculative_mode == "draft_tokens_external"
+
+    @property
+    def built_max_seq_len(self) -> int:
+        """The max_seq_len trtllm-build was given: a speculative build adds max_draft_len to what it writes."""
+        return self.max_seq_len - (self.max_draft_len if self.speculative_mode != "none" else 0)
 
     @classmethod
     def read(cls, engine_dir: Path) -> EngineSpec:
@@ -52,18 +69,27 @@ class EngineSpec:
         try:
             config = json.loads(path.read_text())
             build, pretrained = config["build_config"], config["pretrained_config"]
+            plugins = build.get("plugin_config") or {}
             mapping = pretrained.get("mapping", {})
             tp_size, pp_size = int(mapping.get("tp_size", 1)), int(mapping.get("pp_size", 1))
             return cls(
                 max_batch_size=int(build["max_batch_size"]),
                 max_input_len=int(build["max_input_len"]),
                 max_seq_len=int(build["max_seq_len"]),
+                max_num_tokens=int(build["max_num_tokens"]),
                 vocab_size=int(pretrained["vocab_size"]),
                 tp_size=tp_size,
                 pp_size=pp_size,
                 world_size=int(mapping.get("world_size", tp_size * pp_size)),
+                kv_bytes_per_token=_kv_bytes_per_token(pretrained, tp_size, pp_size),
+                context_fmha=bool(plugins.get("context_fmha", True)),
+                paged_context_fmha=bool(plugins.get("use_paged_context_fmha", False)),
+                remove_input_padding=bool(plugins.get("remove_input_padding", True)),
+                paged_kv_cache=_paged_kv_cache(build, plugins),
+                gpt_attention_plugin=plugins.get("gpt_attention_plugin") not in (None, "disable"),
+                gather_context_logits=bool(build.get("gather_context_logits", False)),
                 max_draft_len=int(build.get("max_draft_len") or 0),
-                draft_tokens_external=_is_draft_tokens_external(build.get("speculative_decoding_mode")),
+                speculative_mode=_speculative_mode(build.get("speculative_decoding_mode")),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ArtifactError(
@@ -72,61 +98,35 @@ class EngineSpec:
             ) from exc
 
 
-def _is_draft_tokens_external(mode: Any) -> bool:
+def _speculative_mode(mode: Any) -> str:
     """The IntFlag's value, or its name should a TensorRT-LLM version write the enum as a string."""
-    return mode == DRAFT_TOKENS_EXTERNAL or "draft_tokens_external" in str(mode).lower()
+    if mode is None:
+        return "none"
+    if isinstance(mode, int):
+        if mode not in SPECULATIVE_MODES:
+            raise ValueError(f"unknown speculative_decoding_mode {mode}")
+        return SPECULATIVE_MODES[mode]
+    name = str(mode).lower().removeprefix("speculativedecodingmode.")
+    if name not in SPECULATIVE_MODES.values():
+        raise ValueError(f"unknown speculative_decoding_mode {mode!r}")
+    return name
 
 
-def engine_limits(settings: ServerSettings, engine: EngineSpec) -> Limits:
-    """The engine's build limits, lowered by the settings; settings above the engine are refused."""
-    max_batch_size = _within_engine("max_batch_size", settings.max_batch_size, engine.max_batch_size)
-    max_seq_len = _within_engine("max_seq_len", settings.max_seq_len, engine.max_seq_len)
-    max_input_len = _within_engine("max_input_len", settings.max_input_len, engine.max_input_len)
-    max_input_len = min(max_input_len, max_seq_len - 1)  # leave room for at least one new token
-    return Limits(
-        max_input_len=max_input_len,
-        max_seq_len=max_seq_len,
-        max_new_tokens=min(settings.max_new_tokens_limit, max_seq_len - 1),
-        max_batch_size=max_batch_size,
-    )
+def _paged_kv_cache(build: dict[str, Any], plugins: dict[str, Any]) -> bool:
+    kv_cache_type = build.get("kv_cache_type")
+    if kv_cache_type is not None:
+        return str(kv_cache_type).upper() == "PAGED"
+    return bool(plugins.get("paged_kv_cache", True))
 
 
-def _within_engine(name: str, wanted: int | None, built: int) -> int:
-    if wanted is None:
-        return built
-    if wanted > built:
-        raise SettingsError(
-            f"{name}={wanted} exceeds this engine's build limit {built} (build_config.{name} in config.json); "
-            f"set {name} (LLM_{name.upper()}) to at most {built}, or rebuild the engine with a larger {name}"
-        )
-    return wanted
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    end_id: int
-    pad_id: int
-    stop_ids: frozenset[int]  # end_id included
-
-
-def token_ids(tokenizer: PreTrainedTokenizerBase, artifacts: Artifacts, engine: EngineSpec) -> TokenIds:
-    """end_id = the tokenizer's EOS; pad_id = its pad token, else end_id (as examples/utils.py does)."""
-    stops = stop_token_ids(tokenizer, artifacts.model_dir, artifacts.tokenizer_dir)
-    end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(stops, default=None)
-    if end_id is None:
-        raise ArtifactError(
-            f"the tokenizer at {artifacts.tokenizer_dir} has no EOS token and no generation_config.json lists one, "
-            "so generation could never stop; use the tokenizer the engine was built from (tokenizer_repo)"
-        )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
-    outside = sorted(t for t in {end_id, *stops} if not 0 <= t < engine.vocab_size)  # pad may be an added token
-    if outside:
-        raise EngineMismatchError(
-            f"special token ids {outside} of the tokenizer at {artifacts.tokenizer_dir} are outside this engine's "
-            f"vocabulary ({engine.vocab_size}), so it is not the engine's tokenizer; set tokenizer_repo to the "
-            "model the engine was built from"
-        )
-    return TokenIds(int(end_id), int(pad_id), frozenset({int(end_id), *stops}))
+def _kv_bytes_per_token(pretrained: dict[str, Any], tp_size: int, pp_size: int) -> int:
+    heads = int(pretrained["num_attention_heads"])
+    kv_heads = int(pretrained.get("num_key_value_heads") or heads)
+    head_size = int(pretrained.get("head_size") or int(pretrained["hidden_size"]) // heads)
+    layers = -(-int(pretrained["num_hidden_layers"]) // pp_size)  # ceil: the first ranks get the extra layers
+    kv_algo = (pretrained.get("quantization") or {}).get("kv_cache_quant_algo")
+    element = KV_BYTES.get(str(kv_algo).upper(), DTYPE_BYTES.get(pretrained.get("dtype", "float16"), 2))
+    return 2 * layers * max(1, kv_heads // tp_size) * head_size * element
 
 
 def launch_layout(spec: EngineSpec) -> tuple[int, bool]:

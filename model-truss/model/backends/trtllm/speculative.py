@@ -1,24 +1,35 @@
 """`trtllm_runner: cpp` with `draft_model_repo`: draft-target speculative decoding over two Executors.
 
 `load_draft` finds the draft engine as the target was found and refuses a pairing TensorRT-LLM cannot
-serve; `speculative_limits` keeps every round a valid input to both engines; `SpeculativeEngine` runs
+serve; `speculative_limits` keeps every round a valid input to both engines as the runtime derives their
+input limits (so the runtime never truncates a round's draft tokens or lowers its max_tokens);
+`kv_fractions` splits the KV-cache memory between the two engines on one GPU; `SpeculativeEngine` runs
 the rounds the package docstring describes, every request's call in flight at once.
+
+Memory: both Executors live in this process on the same GPU(s), the target loaded first. Each takes
+`kv_cache_free_gpu_memory_fraction` of what is free *at its own load*, so the same fraction twice (0.9 and
+0.9) leaves the draft a sliver (examples/draft_target_model/README.md: "--kv_cache_free_gpu_memory_fraction
+should be specified if we want to place two models on one GPU"). Here the setting is the share of free
+memory for both caches together, split so that both hold the same number of tokens: the target takes
+f * r of what is free after its weights, r = its KV bytes per token / both engines' (from config.json),
+and the draft f * (1 - r) / (1 - f * r) of what is free at its load, which is f * (1 - r) of the target's
+free memory less the draft's weights.
 
 Checked against NVIDIA/TensorRT-LLM through the code index: examples/draft_target_model/README.md
 (11925f62: target built with draft_tokens_external and max_draft_len, block reuse required, C++ runtime
-only, no beams); examples/prompt_lookup/run_dtm_pld.py (c3a2348d, the loop run.py calls: draft generate
-of draft_len, target generate with the draft tokens and max_new_tokens = draft_len + 1, every target
-token kept, both runners in orchestrator mode with `kv_cache_enable_block_reuse`);
-examples/cpp/executor/executorExampleFastLogits.cpp (the same with two Executors: target request with
-maxNewTokens = draft + 1 and `ExternalDraftTokensConfig`, `KvCacheConfig(enableBlockReuse)`);
-pybind/executor/request.cpp (`ExternalDraftTokensConfig(tokens, logits=None, acceptance_threshold=None,
-fast_logits=None)`, `Request(external_draft_tokens_config=...)`); the executor bindings test
-`test_request_perf_metrics_draft` (4 draft tokens, 2 accepted: 3 new tokens, final after one iteration).
-How config.json marks a draft-target engine is in `engine_config`.
+only, no beams, the memory fraction for two models on one GPU); examples/prompt_lookup/run_dtm_pld.py
+(c3a2348d, the loop run.py calls: draft generate of draft_len, target generate with the draft tokens and
+max_new_tokens = draft_len + 1, every target token kept, both runners in orchestrator mode with
+`kv_cache_enable_block_reuse`); examples/cpp/executor/executorExampleFastLogits.cpp (the same with two
+Executors: target request with maxNewTokens = draft + 1 and `ExternalDraftTokensConfig`,
+`KvCacheConfig(enableBlockReuse)`); pybind/executor/request.cpp (`ExternalDraftTokensConfig(tokens,
+logits=None, acceptance_threshold=None, fast_logits=None)`, `Request(external_draft_tokens_config=...)`);
+the executor bindings test `test_request_perf_metrics_draft` (4 draft tokens, 2 accepted: 3 new tokens, final
+after one iteration); llmRequest.cpp `validate` (draft truncated past the input limit, max_tokens lowered past
+max_seq_len counting the draft length). How config.json marks a draft-target engine is in `engine_config`.
 Only against the double (tests/doubles/trtllm.py): the finish reason of a verification round (LENGTH and
-NOT_FINISHED are both taken as "round over"), two Executors in one process on one GPU (memory: the target
-is built first and takes kv_cache_free_gpu_memory_fraction of what is free, the draft the same share of
-the rest), and the speed-up.
+NOT_FINISHED are both taken as "round over"), two Executors in one process on one GPU (its KV-capacity model
+stands in for cudaMemGetInfo), and the speed-up.
 """
 
 from __future__ import annotations
@@ -30,29 +41,43 @@ from types import ModuleType
 from typing import Any
 
 from model.artifacts import Artifacts
-from model.backends.base import Limits, SamplingParams, Submission
-from model.backends.trtllm.engine_config import EngineSpec, TokenIds
+from model.backends.base import EngineStats, Limits, SamplingParams, Submission
+from model.backends.trtllm.engine_config import EngineSpec
 from model.backends.trtllm.executor import (
     POLL,
+    IterationStatsReader,
     cpp_runner,
     enqueue_or_fail,
+    executor_features,
     executor_of,
     executor_request,
     finish_reason_map,
     stop_words_of,
 )
-from model.backends.trtllm.shared import finish_stream, sampling_seed
+from model.backends.trtllm.runtime_rules import (
+    InputLimit,
+    RuntimeOptions,
+    check_executor_build,
+    executor_input_limit,
+    runtime_options,
+)
+from model.backends.trtllm.shared import TokenIds, draft_settings, finish_stream, sampling_seed
 from model.errors import ArtifactError, BackendError, EngineMismatchError
 from model.settings import ServerSettings, SettingsError
 
 
 @dataclass(frozen=True)
 class Draft:
-    """A draft engine checked against its target, and how many tokens it proposes per round."""
+    """A draft engine checked against its target, how it is run, and how many tokens it proposes per round."""
 
     engine_dir: Path
     spec: EngineSpec
+    options: RuntimeOptions
     draft_len: int
+
+    @property
+    def input_limit(self) -> InputLimit:
+        return executor_input_limit(self.spec, self.options)
 
 
 def load_draft(
@@ -88,38 +113,39 @@ def load_draft(
         ) from exc
     verify_engine_compatible(found.model_dir)
     spec = EngineSpec.read(found.model_dir)
+    check_executor_build(spec)
     if spec.vocab_size != target.vocab_size:
         raise EngineMismatchError(
             f"the draft engine at {found.model_dir} has a vocabulary of {spec.vocab_size} tokens but the target has "
             f"{target.vocab_size}, so their token ids do not mean the same text; use a draft of the target's model "
             "family with the same tokenizer (Llama-3.2-1B for Llama-3.3-70B)"
         )
-    return Draft(found.model_dir, spec, draft_len)
+    return Draft(found.model_dir, spec, runtime_options(settings, spec), draft_len)
 
 
-def draft_settings(settings: ServerSettings, target: Artifacts) -> ServerSettings:
-    """What `resolve_artifacts` needs to find the draft: its repo and subfolder; the tokenizer is the target's."""
-    same_repo = settings.draft_model_repo == settings.model_repo
-    return settings.model_copy(
-        update={
-            "model_repo": settings.draft_model_repo,
-            "subfolder": settings.draft_subfolder,
-            "revision": settings.revision if same_repo else None,  # a pinned commit exists in its own repo only
-            "allow_patterns": None,
-            "tokenizer_repo": str(target.tokenizer_dir),  # a local folder: nothing to download
-        }
+def speculative_limits(limits: Limits, target_input: InputLimit, draft: Draft) -> Limits:
+    """Every round sends prompt + tokens so far as a new request: that must stay a valid input to both engines.
+
+    A round's sequence s (s < max_seq_len) with d draft tokens (s + d + 1 <= max_seq_len, as rounds never
+    pass max_new_tokens) then keeps s + d within both input limits, so the runtime truncates no draft.
+    `limits.max_seq_len` is already the target's built max_seq_len, which leaves room for the runtime's
+    s + max_tokens + d <= config.json's max_seq_len (built + max_draft_len).
+    """
+    max_seq_len = min(
+        limits.max_seq_len, target_input.tokens + 1, draft.input_limit.tokens + 1, draft.spec.built_max_seq_len
     )
-
-
-def speculative_limits(limits: Limits, target: EngineSpec, draft: EngineSpec) -> Limits:
-    """Every round sends prompt + tokens so far as a new request: that must stay a valid input to both engines."""
-    max_seq_len = min(limits.max_seq_len, target.max_input_len + 1, draft.max_input_len + 1, draft.max_seq_len)
     return Limits(
         max_input_len=min(limits.max_input_len, max_seq_len - 1),
         max_seq_len=max_seq_len,
         max_new_tokens=min(limits.max_new_tokens, max_seq_len - 1),
-        max_batch_size=min(limits.max_batch_size, draft.max_batch_size),
+        max_batch_size=min(limits.max_batch_size, draft.spec.max_batch_size),
     )
+
+
+def kv_fractions(fraction: float, target: EngineSpec, draft: EngineSpec) -> tuple[float, float]:
+    """(target's, draft's) kv_cache_free_gpu_memory_fraction: `fraction` of free memory, split by KV bytes per token."""
+    share = target.kv_bytes_per_token / (target.kv_bytes_per_token + draft.kv_bytes_per_token)
+    return fraction * share, fraction * (1 - share) / (1 - fraction * share)
 
 
 @dataclass
@@ -163,10 +189,18 @@ class SpeculativeEngine:
         # response of fewer tokens than max_tokens is final after one step (tests/bindings) with no reason documented.
         self._round_ends = {api.FinishReason.LENGTH, api.FinishReason.NOT_FINISHED}
         self._where: dict[int, tuple[_Lane, int]] = {}  # Submission.request_id -> (lane, Executor id) in flight
+        self._stats = IterationStatsReader(self._target.executor)
+        self.supports = executor_features(ids)
 
     @classmethod
     def build(
-        cls, settings: ServerSettings, limits: Limits, ids: TokenIds, engine_dir: Path, draft: Draft
+        cls,
+        settings: ServerSettings,
+        limits: Limits,
+        ids: TokenIds,
+        engine_dir: Path,
+        target: tuple[EngineSpec, RuntimeOptions],
+        draft: Draft,
     ) -> SpeculativeEngine:
         from tensorrt_llm._utils import mpi_world_size
         from tensorrt_llm.bindings import executor as api
@@ -176,11 +210,26 @@ class SpeculativeEngine:
                 "draft-target decoding runs both engines in orchestrator mode, as TensorRT-LLM's run_dtm_pld.py "
                 "does; start the server without mpirun"
             )
-        # Inputs grow to max_seq_len - 1; block reuse keeps earlier rounds' KV cache (run_dtm_pld.py needs it too).
-        runner_limits = replace(limits, max_input_len=limits.max_seq_len - 1)
-        target = cpp_runner(settings, runner_limits, engine_dir, rank=0, orchestrator=True, block_reuse=True)
-        drafter = cpp_runner(settings, runner_limits, draft.engine_dir, rank=0, orchestrator=True, block_reuse=True)
-        return cls(target, drafter, api, ids, draft.draft_len)
+        target_spec, target_options = target
+        fraction = settings.kv_cache_free_gpu_memory_fraction
+        target_fraction, draft_fraction = kv_fractions(fraction, target_spec, draft.spec)
+        target_runner = cpp_runner(
+            engine_dir,
+            max_batch_size=limits.max_batch_size,
+            kv_fraction=target_fraction,
+            options=target_options,
+            rank=0,
+            orchestrator=True,
+        )
+        draft_runner = cpp_runner(
+            draft.engine_dir,
+            max_batch_size=limits.max_batch_size,
+            kv_fraction=draft_fraction,
+            options=draft.options,
+            rank=0,
+            orchestrator=True,
+        )
+        return cls(target_runner, draft_runner, api, ids, draft.draft_len)
 
     def has_work(self) -> bool:
         return bool(self._where)
@@ -194,6 +243,12 @@ class SpeculativeEngine:
         for lane in busy:  # await_responses returns once one is ready; the longest wait is shared out
             for response in lane.executor.await_responses(timeout=POLL / len(busy)):
                 self._dispatch(lane, response)
+        self._stats.poll(idle=not self._where)
+
+    def stats(self) -> EngineStats:
+        """Requests alternate between the Executors, so the request counts are this engine's own; KV is the target's."""
+        target = self._stats.current(idle=True)
+        return replace(target, running=len(self._where))
 
     def fail_all(self, exc: BaseException) -> None:
         for lane in (self._draft, self._target):
@@ -208,7 +263,9 @@ class SpeculativeEngine:
 
     def _next_round(self, speculation: _Speculation) -> None:
         """Ask the draft for tokens; when one token is left to make, ask the target alone."""
-        room = speculation.submission.params.max_new_tokens - speculation.generated - 1  # the target adds one
+        # The target adds one token. Within max_new_tokens, the sequence and its draft stay within both engines'
+        # input limits (speculative_limits), so the runtime never truncates the draft.
+        room = speculation.submission.params.max_new_tokens - speculation.generated - 1
         draft_len = min(self._draft_len, room)
         if draft_len > 0:
             proposal = SamplingParams(max_new_tokens=draft_len, ignore_eos=speculation.submission.params.ignore_eos)
@@ -220,9 +277,8 @@ class SpeculativeEngine:
             self._verify(speculation, [])
 
     def _verify(self, speculation: _Speculation, draft: list[int]) -> None:
-        params = replace(
-            speculation.submission.params, max_new_tokens=len(draft) + 1, seed=speculation.seed + speculation.rounds
-        )
+        wanted = speculation.submission.params
+        params = replace(wanted, max_new_tokens=len(draft) + 1, seed=speculation.seed + speculation.rounds)
         request = executor_request(
             self._api,
             self._ids,
@@ -230,6 +286,7 @@ class SpeculativeEngine:
             params,
             streaming=False,
             stop_words=self._stop_words,
+            min_tokens=min(max(0, wanted.min_new_tokens - speculation.generated), params.max_new_tokens),
             external_draft_tokens_config=self._api.ExternalDraftTokensConfig(draft) if draft else None,
         )
         self._enqueue(self._target, speculation, request)

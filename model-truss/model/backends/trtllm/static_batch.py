@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from model.backends.base import FinishReason, Limits, SamplingParams, Submission
-from model.backends.trtllm.engine_config import EngineSpec, TokenIds, launch_layout
-from model.backends.trtllm.shared import sampling_seed
+from model.backends.base import EngineStats, FinishReason, Limits, SamplingParams, Submission
+from model.backends.trtllm.engine_config import EngineSpec, launch_layout
+from model.backends.trtllm.shared import TokenIds, sampling_seed
 from model.errors import BackendError, EngineMismatchError
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class _Batch:
 
 class StaticBatchEngine:
     """`ModelRunner.generate` over one batch at a time, streamed one decode step per `step`."""
+
+    supports: frozenset[str] = frozenset()  # one SamplingConfig per call: no per-request optional features
 
     def __init__(self, runner: Any, limits: Limits, ids: TokenIds) -> None:
         self._runner = runner
@@ -92,6 +94,10 @@ class StaticBatchEngine:
         for submission in self._waiting:
             submission.stream.fail(exc)
         self._waiting, self._batch = [], None
+
+    def stats(self) -> EngineStats:
+        """Rows of the running batch, and requests waiting for the next; the Python session reports no KV use."""
+        return EngineStats(running=len(self._open_rows()), waiting=len(self._waiting))
 
     def close(self) -> None:
         self._batch = None  # ModelRunner holds no threads or processes to stop
