@@ -117,6 +117,7 @@ class Limits:
     max_seq_len: int  # prompt + generated tokens
     max_new_tokens: int
     max_batch_size: int
+    kv_cache_tokens: int | None = None  # tokens the engine's KV cache holds, where the engine knows it
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,409 @@
+"""Runs one planned step on the device and hands back its sampled tokens without blocking the host.
+
+`launch(plan, batch)` packs the step's inputs on the host (numpy), uploads them in one non-blocking copy per
+dtype from pinned memory (double-buffered, so step N+1 is packed while step N's copy may still be queued),
+runs the forward and the sampler, and starts a non-blocking copy of the results into pinned memory; `collect`
+waits for that copy. The engine launches step N+1 before collecting step N, so the host's work (scheduling,
+detokenizing streams) overlaps the device's.
+
+Two ways to run a step:
+- decode only, with CUDA graphs: the rows are padded to the next captured bucket (padding rows read the
+  scratch slot, write the scratch block); the step's inputs go into the graphs' static buffers, then one
+  forward graph (input tokens read from `Sampler.last_token`, so no token ever goes through the host) and one
+  sampler graph (per variant: argmax or full sampling, with or without logprobs) are replayed;
+- anything else (prefill chunks, CPU, graphs off): the same model code eagerly on the packed tokens.
+
+Packed layout of a forward: T tokens = decode rows first (padded to a bucket when flex attention decodes),
+then each prefill chunk's tokens; `sample_index` [B] picks the rows whose logits are sampled, in
+`plan.sampled` order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from model.backends.base import MAX_TOP_LOGPROBS
+from model.backends.torch.attention import AttentionMeta, FlexDecode, GatherDecode, KVPool, PrefillSegment
+from model.backends.torch.kv_blocks import SCRATCH_BLOCK, BlockManager
+from model.backends.torch.sampler import FLOAT_FIELDS, INT_FIELDS, RowInputs, Sampler
+from model.backends.torch.scheduler import Sequence, StepPlan
+
+logger = logging.getLogger(__name__)
+
+
+class CausalLM(Protocol):
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    def compute_logits(
+        self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, pool: KVPool, index: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SampleBatch:
+    """The sampler's inputs for `plan.sampled`, built by the engine (see sampler.row_values)."""
+
+    ints: np.ndarray  # [B, INT_FIELDS] int64
+    floats: np.ndarray  # [B, FLOAT_FIELDS] float32
+    bitmask: np.ndarray | None  # [B, words] int32, None: no row is guided
+    full: bool
+    logprobs: bool
+    seen_slots: np.ndarray  # [N] int64: (slot, token) pairs for the repetition penalty's prompt tokens
+    seen_tokens: np.ndarray
+
+
+@dataclass
+class PendingStep:
+    plan: StepPlan
+    rows: int  # sampled rows
+    ints: torch.Tensor  # pinned host [rows, 1 + K]
+    floats: torch.Tensor
+    event: torch.cuda.Event | None
+
+
+def graph_buckets(max_rows: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, 8, then every 16 (nano-vllm's choice), and max_rows itself."""
+    buckets = [b for b in (1, 2, 4, 8) if b < max_rows] + list(range(16, max_rows, 16))
+    return [*buckets, max_rows]
+
+
+class _Uploader:
+    """Host arrays -> device tensors through double-buffered pinned memory (plain views on CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pinned: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
+        self._parity = 0
+
+    @property
+    def parity(self) -> int:
+        return self._parity
+
+    def flip(self) -> None:
+        """Next step: use the other pinned buffers (the previous step's copies may still be in flight)."""
+        self._parity ^= 1
+
+    def upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
+        if self.device.type == "cpu":
+            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        sizes = [a.size for a in arrays]
+        total = max(1, sum(sizes))
+        buffers = self._pinned[self._parity]
+        if dtype not in buffers or buffers[dtype].numel() < total:
+            buffers[dtype] = torch.empty(2 * total, dtype=dtype, pin_memory=True)
+        host = buffers[dtype]
+        numpy_host = host.numpy()
+        offset = 0
+        for array, size in zip(arrays, sizes, strict=True):
+            numpy_host[offset : offset + size] = array.reshape(-1)
+            offset += size
+        device = host[:total].to(self.device, non_blocking=True)
+        out, offset = [], 0
+        for array, size in zip(arrays, sizes, strict=True):
+            out.append(device[offset : offset + size].view(array.shape))
+            offset += size
+        return out
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        pool: KVPool,
+        sampler: Sampler,
+        blocks: BlockManager,
+        *,
+        max_rows: int,
+        max_seq_len: int,
+        flex: bool,
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.sampler = sampler
+        self.blocks = blocks
+        self.device = pool.kv.device
+        self.block_size = pool.block_size
+        self.max_rows = max_rows
+        self.max_blocks_per_row = -(-max_seq_len // self.block_size)
+        self.buckets = graph_buckets(max_rows)
+        self._upload = _Uploader(self.device)
+        self.flex = (
+            FlexDecode(max_rows=max_rows, num_blocks=pool.num_blocks, block_size=self.block_size, device=self.device)
+            if flex
+            else None
+        )
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._sampler_graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
+        self._all_bits = torch.full((max_rows + 1, sampler.bitmask_words), -1, dtype=torch.int32, device=self.device)
+        pinned = self.device.type == "cuda"
+        self._results = [  # per upload parity: sampled rows' ints and floats, pinned for non-blocking copies
+            (
+                torch.empty(max_rows, 1 + MAX_TOP_LOGPROBS, dtype=torch.int64, pin_memory=pinned),
+                torch.empty(max_rows, 1 + MAX_TOP_LOGPROBS, dtype=torch.float32, pin_memory=pinned),
+            )
+            for _ in range(2)
+        ]
+
+    # -- one step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, batch: SampleBatch) -> PendingStep:
+        self._upload.flip()
+        rows = len(plan.sampled)
+        decode = len(plan.decode)
+        padded = self._bucket(decode) if self.flex is not None and decode else decode
+        if self.flex is not None and decode:
+            self._fill_flex(plan, padded)
+        if batch.seen_slots.size:
+            seen_slots, seen_tokens = self._upload.upload([batch.seen_slots, batch.seen_tokens], torch.int64)
+            self.sampler.mark_seen(seen_slots, seen_tokens)
+        if self._graphs and not plan.chunks and padded in self._graphs:
+            out_ints, out_floats = self._replay(plan, batch, padded)
+        else:
+            out_ints, out_floats = self._eager(plan, batch, padded)
+        return self._read_back(plan, rows, out_ints[:rows], out_floats[:rows])
+
+    def collect(self, pending: PendingStep) -> tuple[np.ndarray, np.ndarray]:
+        """Wait for a launched step; (ints [B, 1 + K], floats [B, 1 + K]) as sampler.py lays them out."""
+        if pending.event is not None:
+            pending.event.synchronize()
+        return pending.ints.numpy(), pending.floats.numpy()
+
+    def _read_back(self, plan: StepPlan, rows: int, ints: torch.Tensor, floats: torch.Tensor) -> PendingStep:
+        if self.device.type == "cpu":
+            return PendingStep(plan, rows, ints.clone(), floats.clone(), None)
+        host_ints, host_floats = self._results[self._upload.parity]
+        host_ints[:rows].copy_(ints, non_blocking=True)
+        host_floats[:rows].copy_(floats, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingStep(plan, rows, host_ints[:rows], host_floats[:rows], event)
+
+    # -- eager --------------------------------------------------------------------------------
+
+    def _eager(self, plan: StepPlan, batch: SampleBatch, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.block_size
+        decode = plan.decode
+        positions = [np.array([s.num_tokens - 1 for s in decode] + [0] * (padded - len(decode)), dtype=np.int64)]
+        kv_slots = [
+            np.array([self._slot(s.table.blocks, s.num_tokens - 1) for s in decode] + [0] * (padded - len(decode)))
+        ]
+        input_slots = np.array([s.slot for s in decode] + [self.sampler.scratch_slot] * (padded - len(decode)))
+        prefill_tokens, contexts, segments = [], [], []
+        sample_index = list(range(len(decode)))
+        offset = padded
+        for chunk in plan.chunks:
+            end = chunk.start + len(chunk.tokens)
+            slots = self._slots(chunk.seq.table.blocks, end)
+            positions.append(np.arange(chunk.start, end, dtype=np.int64))
+            kv_slots.append(slots[chunk.start :])
+            prefill_tokens.append(np.asarray(chunk.tokens, dtype=np.int64))
+            contexts.append(slots if chunk.start else slots[:0])
+            segments.append((offset, len(chunk.tokens), chunk.start))
+            if chunk.samples:
+                sample_index.append(offset + len(chunk.tokens) - 1)
+            offset += len(chunk.tokens)
+        gather = self._gather_arrays(decode) if decode and self.flex is None else []
+        arrays = [
+            input_slots,
+            np.concatenate(positions),
+            np.concatenate(kv_slots).astype(np.int64),
+            np.concatenate(prefill_tokens) if prefill_tokens else np.zeros(0, dtype=np.int64),
+            np.asarray(sample_index, dtype=np.int64),
+            np.concatenate(contexts).astype(np.int64) if contexts else np.zeros(0, dtype=np.int64),
+            batch.ints,
+            *gather,
+        ]
+        uploaded = self._upload.upload(arrays, torch.int64)
+        dev_slots, dev_pos, dev_kv, dev_tokens, dev_index, dev_contexts, dev_ints = uploaded[:7]
+        (dev_floats,) = self._upload.upload([batch.floats], torch.float32)
+        bitmask = self._bitmask(batch, len(sample_index))
+        tokens = torch.cat([self.sampler.last_token[dev_slots], dev_tokens]) if padded else dev_tokens
+        decode_attention = (
+            self.flex if self.flex is not None else GatherDecode(uploaded[7], uploaded[8]) if decode else None
+        )
+        prefill, context_offset = [], 0
+        for (seg_offset, length, start), chunk in zip(segments, plan.chunks, strict=True):
+            context = start + length if start else 0
+            prefill.append(
+                PrefillSegment(seg_offset, length, start, dev_contexts[context_offset : context_offset + context])
+            )
+            context_offset += context
+        meta = AttentionMeta(dev_kv, padded, decode_attention, prefill)
+        logits = self.model.compute_logits(tokens, dev_pos, meta, self.pool, dev_index)
+        return self.sampler.sample(
+            logits, RowInputs(dev_ints, dev_floats, bitmask), full=batch.full, logprobs=batch.logprobs
+        )
+
+    def _gather_arrays(self, decode: list[Sequence]) -> list[np.ndarray]:
+        """GatherDecode's inputs: slots [D, C] (tails on the scratch slot) and lengths [D]."""
+        lengths = np.array([s.num_tokens for s in decode], dtype=np.int64)
+        slots = np.zeros((len(decode), int(lengths.max())), dtype=np.int64)
+        for row, seq in enumerate(decode):
+            slots[row, : lengths[row]] = self._slots(seq.table.blocks, int(lengths[row]))
+        return [slots, lengths]
+
+    def _bitmask(self, batch: SampleBatch, rows: int) -> torch.Tensor:
+        if batch.bitmask is None:
+            return self._all_bits[:rows]
+        (bitmask,) = self._upload.upload([batch.bitmask], torch.int32)
+        return bitmask
+
+    # -- flex attention buffers ---------------------------------------------------------------
+
+    def _fill_flex(self, plan: StepPlan, padded: int) -> None:
+        """Block tables, block counts and query positions of the decode rows (padding: the scratch block)."""
+        assert self.flex is not None
+        tables = np.zeros((padded, self.max_blocks_per_row), dtype=np.int32)
+        counts = np.ones(padded, dtype=np.int32)
+        q_pos = np.zeros(padded, dtype=np.int32)
+        for row, seq in enumerate(plan.decode):
+            blocks = seq.table.blocks
+            tables[row, : len(blocks)] = blocks
+            counts[row] = len(blocks)
+            q_pos[row] = seq.num_tokens - 1
+        tables[len(plan.decode) :, 0] = SCRATCH_BLOCK
+        arrays = [tables, counts, q_pos]
+        changed = self._drain_changed()
+        if changed.size:
+            arrays += [changed, self.blocks.logical_index[changed]]
+        uploaded = self._upload.upload(arrays, torch.int32)
+        self.flex.kv_indices[:padded, 0, 0, : self.max_blocks_per_row].copy_(uploaded[0])
+        self.flex.kv_num_blocks[:padded, 0, 0].copy_(uploaded[1])
+        self.flex.q_pos[:padded].copy_(uploaded[2])
+        if changed.size:
+            self.flex.logical_index[uploaded[3].long()] = uploaded[4]
+
+    def _drain_changed(self) -> np.ndarray:
+        changed = np.unique(np.asarray(self.blocks.changed, dtype=np.int32))
+        self.blocks.changed.clear()
+        return changed
+
+    # -- CUDA graphs --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> float:
+        """Warm up and capture the decode forward and sampler graphs of every bucket; returns the seconds taken."""
+        assert self.flex is not None, "decode graphs need the flex attention path (static shapes)"
+        started = time.perf_counter()
+        self._static = _StaticBuffers(self.max_rows, self.model.vocab_size, self.sampler, self.device)
+        self._fill_flex_padding(self.max_rows)
+        pool = torch.cuda.graph_pool_handle()
+        for bucket in reversed(self.buckets):
+            self._graphs[bucket] = _capture(lambda b=bucket: self._decode_forward(b), pool)
+            for full in (False, True):
+                for logprobs in (False, True):
+                    self._sampler_graphs[(bucket, full, logprobs)] = _capture(
+                        lambda b=bucket, f=full, lp=logprobs: self._static_sample(b, f, lp), pool
+                    )
+        torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    def _fill_flex_padding(self, rows: int) -> None:
+        assert self.flex is not None
+        self.flex.kv_indices[:rows].zero_()
+        self.flex.kv_num_blocks[:rows].fill_(1)
+        self.flex.q_pos[:rows].zero_()
+
+    def _decode_forward(self, bucket: int) -> None:
+        buf = self._static
+        tokens = self.sampler.last_token[buf.input_slots[:bucket]]
+        meta = AttentionMeta(buf.kv_slots[:bucket], bucket, self.flex)
+        logits = self.model.compute_logits(tokens, buf.positions[:bucket], meta, self.pool, buf.index[:bucket])
+        buf.logits[:bucket].copy_(logits)
+
+    def _static_sample(self, bucket: int, full: bool, logprobs: bool) -> None:
+        buf = self._static
+        rows = RowInputs(buf.ints[:bucket], buf.floats[:bucket], buf.bitmask[:bucket])
+        ints, floats = self.sampler.sample(buf.logits[:bucket], rows, full=full, logprobs=logprobs)
+        buf.out_ints[:bucket].copy_(ints)
+        buf.out_floats[:bucket].copy_(floats)
+
+    def _replay(self, plan: StepPlan, batch: SampleBatch, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        buf = self._static
+        decode, pad = plan.decode, bucket - len(plan.decode)
+        scratch = self.sampler.scratch_slot
+        ints = np.concatenate([batch.ints, np.tile(_padding_ints(scratch), (pad, 1))])
+        floats = np.concatenate([batch.floats, np.ones((pad, FLOAT_FIELDS), dtype=np.float32)])
+        arrays = [
+            np.array([s.slot for s in decode] + [scratch] * pad, dtype=np.int64),
+            np.array([s.num_tokens - 1 for s in decode] + [0] * pad, dtype=np.int64),
+            np.array([self._slot(s.table.blocks, s.num_tokens - 1) for s in decode] + [0] * pad, dtype=np.int64),
+            ints,
+        ]
+        input_slots, positions, kv_slots, dev_ints = self._upload.upload(arrays, torch.int64)
+        (dev_floats,) = self._upload.upload([floats], torch.float32)
+        buf.input_slots[:bucket].copy_(input_slots)
+        buf.positions[:bucket].copy_(positions)
+        buf.kv_slots[:bucket].copy_(kv_slots)
+        buf.ints[:bucket].copy_(dev_ints)
+        buf.floats[:bucket].copy_(dev_floats)
+        if batch.bitmask is not None:
+            bits = np.concatenate([batch.bitmask, np.full((pad, batch.bitmask.shape[1]), -1, dtype=np.int32)])
+            (dev_bits,) = self._upload.upload([bits], torch.int32)
+            buf.bitmask[:bucket].copy_(dev_bits)
+        self._graphs[bucket].replay()
+        self._sampler_graphs[(bucket, batch.full, batch.logprobs)].replay()
+        if batch.bitmask is not None:
+            buf.bitmask[:bucket].fill_(-1)
+        return buf.out_ints[:bucket], buf.out_floats[:bucket]
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _bucket(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
+
+    def _slot(self, blocks: list[int], position: int) -> int:
+        return blocks[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _slots(self, blocks: list[int], length: int) -> np.ndarray:
+        """Pool slots of positions 0 .. length - 1 of a sequence holding `blocks`."""
+        table = np.asarray(blocks[: -(-length // self.block_size)], dtype=np.int64)
+        return (table[:, None] * self.block_size + np.arange(self.block_size)[None, :]).reshape(-1)[:length]
+
+
+class _StaticBuffers:
+    """The CUDA graphs' inputs and outputs, sized for the largest bucket; a replay reads and writes [:bucket]."""
+
+    def __init__(self, rows: int, vocab: int, sampler: Sampler, device: torch.device) -> None:
+        def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.input_slots = torch.full((rows,), sampler.scratch_slot, dtype=torch.int64, device=device)
+        self.positions = zeros(rows)
+        self.kv_slots = zeros(rows)
+        self.index = torch.arange(rows, device=device)
+        self.logits = zeros(rows, vocab, dtype=torch.float32)
+        self.ints = torch.as_tensor(np.tile(_padding_ints(sampler.scratch_slot), (rows, 1)), device=device)
+        self.floats = torch.ones(rows, FLOAT_FIELDS, dtype=torch.float32, device=device)
+        self.bitmask = torch.full((rows, sampler.bitmask_words), -1, dtype=torch.int32, device=device)
+        self.out_ints = zeros(rows, 1 + MAX_TOP_LOGPROBS)
+        self.out_floats = zeros(rows, 1 + MAX_TOP_LOGPROBS, dtype=torch.float32)
+
+
+def _padding_ints(scratch_slot: int) -> np.ndarray:
+    """Sampler ints of a padding row: the scratch slot, greedy."""
+    row = np.zeros(INT_FIELDS, dtype=np.int64)
+    row[0], row[6] = scratch_slot, 1
+    return row
+
+
+def _capture(work: Callable[[], None], pool: object) -> torch.cuda.CUDAGraph:
+    """Run `work` twice (compiles, autotunes, allocates), then capture it into a graph in the shared pool."""
+    for _ in range(2):
+        work()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        work()
+    return graph
