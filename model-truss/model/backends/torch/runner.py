@@ -192,7 +192,6 @@ class ModelRunner:
     # -- eager --------------------------------------------------------------------------------
 
     def _eager(self, plan: StepPlan, batch: SampleBatch, padded: int) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.block_size
         decode = plan.decode
         positions = [np.array([s.num_tokens - 1 for s in decode] + [0] * (padded - len(decode)), dtype=np.int64)]
         kv_slots = [
@@ -233,7 +232,7 @@ class ModelRunner:
             self.flex if self.flex is not None else GatherDecode(uploaded[7], uploaded[8]) if decode else None
         )
         prefill, context_offset = [], 0
-        for (seg_offset, length, start), chunk in zip(segments, plan.chunks, strict=True):
+        for seg_offset, length, start in segments:
             context = start + length if start else 0
             prefill.append(
                 PrefillSegment(seg_offset, length, start, dev_contexts[context_offset : context_offset + context])
