@@ -213,12 +213,12 @@ class GatherDecode:
 class FlexDecode:
     """Decode attention on CUDA: flex_attention over the whole pool with a block mask per batch-size bucket.
 
-    The block mask's tensors are static buffers the runner fills before each step (and so can be captured in a
-    CUDA graph): kv_num_blocks [rows, 1, 1] (blocks in a row's table), kv_indices [rows, 1, 1, num_blocks]
-    (its table, in order), q_pos [rows] (the position of the row's query token). flex_attention visits only a
-    row's own blocks; the mask drops the slots of the last block past the query, using
-    `logical_index[block]` (the block's index in every table that holds it, see kv_blocks.py).
-    Padding rows of a bucket attend one slot of the scratch block.
+    A row's block table becomes its block mask: every block but the last is a "full" block (all its slots are
+    before the query, so no mask is evaluated there) and the last is "partial" (slots past the query are
+    masked, using `logical_index[block]`, the block's index in every table that holds it, see kv_blocks.py).
+    Sliding-window layers treat every block as partial. flex_attention visits only these blocks. The masks'
+    tensors are static buffers that `fill` updates before each step, so a step can be captured in a CUDA graph:
+    [rows, 1, 1] block counts and [rows, 1, 1, num_blocks] block ids. Padding rows attend the scratch block.
     """
 
     def __init__(self, *, max_rows: int, num_blocks: int, block_size: int, device: torch.device) -> None:
@@ -226,12 +226,32 @@ class FlexDecode:
 
         self.block_size = block_size
         self.num_slots = num_blocks * block_size
-        self.kv_num_blocks = torch.ones(max_rows, 1, 1, dtype=torch.int32, device=device)
-        self.kv_indices = torch.zeros(max_rows, 1, 1, num_blocks, dtype=torch.int32, device=device)
+
+        def counts() -> torch.Tensor:
+            return torch.zeros(max_rows, 1, 1, dtype=torch.int32, device=device)
+
+        def indices() -> torch.Tensor:
+            return torch.zeros(max_rows, 1, 1, num_blocks, dtype=torch.int32, device=device)
+
+        self.full_count, self.full_index = counts(), indices()  # blocks[:-1]
+        self.last_count, self.last_index = counts() + 1, indices()  # blocks[-1]
+        self.all_count, self.all_index = counts(), indices()  # every block (sliding-window layers)
+        self.no_count = counts()
         self.q_pos = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self.logical_index = torch.zeros(num_blocks, dtype=torch.int32, device=device)
         self._flex = torch.compile(flex_attention, dynamic=False)
         self._masks: dict[tuple[int, int | None], object] = {}
+
+    def fill(self, tables: torch.Tensor, counts: torch.Tensor, q_pos: torch.Tensor) -> None:
+        """tables [rows, max_blocks] int32 (each row's blocks, padded), counts [rows] (blocks held), q_pos [rows]."""
+        rows, width = tables.shape
+        last = tables.gather(1, (counts - 1).long()[:, None])
+        self.full_index[:rows, 0, 0, :width].copy_(tables)
+        self.full_count[:rows, 0, 0].copy_(counts - 1)
+        self.last_index[:rows, 0, 0, :1].copy_(last)
+        self.all_index[:rows, 0, 0, :width].copy_(tables)
+        self.all_count[:rows, 0, 0].copy_(counts)
+        self.q_pos[:rows].copy_(q_pos)
 
     def __call__(
         self, pool: KVPool, layer: int, q: torch.Tensor, scale: float, window: int | None, softcap: float | None
@@ -254,9 +274,15 @@ class FlexDecode:
         if key not in self._masks:
             from torch.nn.attention.flex_attention import BlockMask
 
+            if window is None:
+                partial = (self.last_count[:rows], self.last_index[:rows])
+                full = (self.full_count[:rows], self.full_index[:rows])
+            else:
+                partial = (self.all_count[:rows], self.all_index[:rows])
+                full = (self.no_count[:rows], self.full_index[:rows])
             self._masks[key] = BlockMask.from_kv_blocks(
-                self.kv_num_blocks[:rows],
-                self.kv_indices[:rows],
+                *partial,
+                *full,
                 BLOCK_SIZE=(128, self.block_size),
                 mask_mod=self._mask_mod(window),
                 seq_lengths=(1, self.num_slots),

@@ -31,8 +31,9 @@ class EngineConfig:
     block_size: int
     prefix_caching: bool
     model_impl: str  # auto | native | transformers
-    cuda_graphs: bool
-    compile: bool
+    compile_ops: bool  # torch.compile the fused elementwise ops
+    flex_decode: bool  # decode attention through compiled flex_attention (static shapes) instead of gather + SDPA
+    graphs: bool  # capture decode steps per batch-size bucket (needs flex_decode)
     kv_fraction: float
     kv_max_tokens: int | None
     cpu_kv_bytes: int
@@ -50,8 +51,9 @@ class EngineConfig:
             block_size=settings.kv_page_size,
             prefix_caching=settings.enable_prefix_caching,
             model_impl=settings.torch_model_impl,
-            cuda_graphs=on_cuda and settings.cuda_graphs and settings.torch_compile,
-            compile=on_cuda and settings.torch_compile,
+            compile_ops=on_cuda and settings.torch_compile,
+            flex_decode=on_cuda and settings.torch_compile,
+            graphs=on_cuda and settings.torch_compile and settings.cuda_graphs,
             kv_fraction=settings.kv_cache_free_gpu_memory_fraction,
             kv_max_tokens=settings.kv_cache_max_tokens,
             cpu_kv_bytes=int(settings.cpu_kv_cache_gib * GIB),

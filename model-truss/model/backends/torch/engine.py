@@ -108,10 +108,14 @@ class TorchBackend(BatchingBackend):
         *,
         guides: GuideFactory | None = None,
         compile_guide: Callable[[GuidedDecoding], Any] | None = None,
+        config: EngineConfig | None = None,
     ) -> TorchBackend:
-        """Build the engine around a loaded transformers model (which it takes apart for the native forward)."""
+        """Build the engine around a loaded transformers model (which it takes apart for the native forward).
+
+        `config` overrides what `settings` resolves to (tests and benchmarks compare the engine's variants).
+        """
         started = time.perf_counter()
-        config = EngineConfig.from_settings(settings)
+        config = config or EngineConfig.from_settings(settings)
         positions = int(getattr(hf_model.config, "max_position_embeddings", 0) or 4096)
         max_positions = min(config.max_seq_len or positions, positions)
         model, impl = _build_model(hf_model, config, max_positions)
@@ -139,10 +143,26 @@ class TorchBackend(BatchingBackend):
         )
         blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
         sampler = Sampler(slots=config.max_rows, vocab_size=model.vocab_size, stop_ids=stop_ids, device=config.device)
-        flex = config.compile and isinstance(model, NativeLlama)
-        runner = ModelRunner(model, pool, sampler, blocks, max_rows=config.max_rows, max_seq_len=max_seq_len, flex=flex)
-        graphs = config.cuda_graphs and flex
-        capture_s = runner.capture_graphs() if graphs else 0.0
+        native = isinstance(model, NativeLlama)
+        runner = ModelRunner(
+            model,
+            pool,
+            sampler,
+            blocks,
+            max_rows=config.max_rows,
+            max_seq_len=max_seq_len,
+            flex=native and config.flex_decode,
+        )
+        capture_s, decode_attention = 0.0, "flex_attention" if runner.flex is not None else "gather + sdpa"
+        if config.graphs and runner.flex is not None:
+            try:
+                capture_s = runner.capture_graphs()
+            except Exception as exc:  # an unsupported GPU/compiler combination: serve, slower, rather than not at all
+                logger.exception("decode graph capture failed; decoding eagerly with gather + SDPA attention")
+                runner = ModelRunner(
+                    model, pool, sampler, blocks, max_rows=config.max_rows, max_seq_len=max_seq_len, flex=False
+                )
+                decode_attention = f"gather + sdpa (flex_attention / graph capture failed: {type(exc).__name__})"
         scheduler = Scheduler(
             blocks, max_rows=config.max_rows, token_budget=config.token_budget, max_seq_len=max_seq_len
         )
@@ -155,9 +175,9 @@ class TorchBackend(BatchingBackend):
             "kv_block_size": config.block_size,
             "token_budget": config.token_budget,
             "prefix_caching": config.prefix_caching,
-            "decode_attention": "flex_attention" if flex else "gather + sdpa",
-            "compile": config.compile,
-            "graph_buckets": runner.buckets if graphs else [],
+            "decode_attention": decode_attention,
+            "compile_ops": config.compile_ops and native,
+            "graph_buckets": runner.buckets if runner.graphed else [],
             "capture_s": round(capture_s, 1),
             "warmup_s": round(time.perf_counter() - started, 1),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -360,7 +380,7 @@ def _build_model(hf_model: PreTrainedModel, config: EngineConfig, max_positions:
         why = "torch_model_impl=transformers" if reason is None else reason
         logger.info("torch engine: transformers modules on the paged KV pool (%s)", why)
         return HFCausalLM(hf_model), f"transformers ({why})"
-    ops = Ops.compiled() if config.compile else Ops.eager()
+    ops = Ops.compiled() if config.compile_ops else Ops.eager()
     logger.info("torch engine: native Llama-family forward for %s", hf_model.config.model_type)
     return NativeLlama(hf_model, max_positions, ops), f"native ({hf_model.config.model_type})"
 

@@ -142,8 +142,8 @@ class ModelRunner:
             if flex
             else None
         )
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._sampler_graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[int, _Replay] = {}
+        self._sampler_graphs: dict[tuple[int, bool, bool], _Replay] = {}
         self._all_bits = torch.full((max_rows + 1, sampler.bitmask_words), -1, dtype=torch.int32, device=self.device)
         pinned = self.device.type == "cuda"
         self._results = [  # per upload parity: sampled rows' ints and floats, pinned for non-blocking copies
@@ -263,7 +263,7 @@ class ModelRunner:
     def _fill_flex(self, plan: StepPlan, padded: int) -> None:
         """Block tables, block counts and query positions of the decode rows (padding: the scratch block)."""
         assert self.flex is not None
-        tables = np.zeros((padded, self.max_blocks_per_row), dtype=np.int32)
+        tables = np.full((padded, self.max_blocks_per_row), SCRATCH_BLOCK, dtype=np.int32)
         counts = np.ones(padded, dtype=np.int32)
         q_pos = np.zeros(padded, dtype=np.int32)
         for row, seq in enumerate(plan.decode):
@@ -271,15 +271,12 @@ class ModelRunner:
             tables[row, : len(blocks)] = blocks
             counts[row] = len(blocks)
             q_pos[row] = seq.num_tokens - 1
-        tables[len(plan.decode) :, 0] = SCRATCH_BLOCK
         arrays = [tables, counts, q_pos]
         changed = self._drain_changed()
         if changed.size:
             arrays += [changed, self.blocks.logical_index[changed]]
         uploaded = self._upload.upload(arrays, torch.int32)
-        self.flex.kv_indices[:padded, 0, 0, : self.max_blocks_per_row].copy_(uploaded[0])
-        self.flex.kv_num_blocks[:padded, 0, 0].copy_(uploaded[1])
-        self.flex.q_pos[:padded].copy_(uploaded[2])
+        self.flex.fill(*uploaded[:3])
         if changed.size:
             self.flex.logical_index[uploaded[3].long()] = uploaded[4]
 
@@ -292,27 +289,31 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_graphs(self) -> float:
-        """Warm up and capture the decode forward and sampler graphs of every bucket; returns the seconds taken."""
+        """Warm up and capture the decode forward and sampler graphs of every bucket; returns the seconds taken.
+
+        On CPU (tests) the "graphs" replay the same work eagerly on the same static buffers.
+        """
         assert self.flex is not None, "decode graphs need the flex attention path (static shapes)"
         started = time.perf_counter()
         self._static = _StaticBuffers(self.max_rows, self.model.vocab_size, self.sampler, self.device)
         self._fill_flex_padding(self.max_rows)
-        pool = torch.cuda.graph_pool_handle()
+        on_cuda = self.device.type == "cuda"
+        pool = torch.cuda.graph_pool_handle() if on_cuda else None
         for bucket in reversed(self.buckets):
-            self._graphs[bucket] = _capture(lambda b=bucket: self._decode_forward(b), pool)
+            self._graphs[bucket] = _capture(lambda b=bucket: self._decode_forward(b), pool, self.device)
             for full in (False, True):
                 for logprobs in (False, True):
                     self._sampler_graphs[(bucket, full, logprobs)] = _capture(
-                        lambda b=bucket, f=full, lp=logprobs: self._static_sample(b, f, lp), pool
+                        lambda b=bucket, f=full, lp=logprobs: self._static_sample(b, f, lp), pool, self.device
                     )
-        torch.cuda.synchronize()
+        if on_cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - started
 
     def _fill_flex_padding(self, rows: int) -> None:
         assert self.flex is not None
-        self.flex.kv_indices[:rows].zero_()
-        self.flex.kv_num_blocks[:rows].fill_(1)
-        self.flex.q_pos[:rows].zero_()
+        tables = torch.full((rows, 1), SCRATCH_BLOCK, dtype=torch.int32, device=self.device)
+        self.flex.fill(tables, torch.ones(rows, dtype=torch.int32, device=self.device), tables[:, 0] * 0)
 
     def _decode_forward(self, bucket: int) -> None:
         buf = self._static
@@ -357,6 +358,10 @@ class ModelRunner:
             buf.bitmask[:bucket].fill_(-1)
         return buf.out_ints[:bucket], buf.out_floats[:bucket]
 
+    @property
+    def graphed(self) -> bool:
+        return bool(self._graphs)
+
     # -- helpers ------------------------------------------------------------------------------
 
     def _bucket(self, rows: int) -> int:
@@ -397,10 +402,23 @@ def _padding_ints(scratch_slot: int) -> np.ndarray:
     return row
 
 
-def _capture(work: Callable[[], None], pool: object) -> torch.cuda.CUDAGraph:
+class _Replay(Protocol):
+    def replay(self) -> None: ...
+
+
+class _EagerReplay:
+    """Stands in for a CUDA graph on CPU: replays by running the work on the same static buffers (tests)."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self.replay = work
+
+
+def _capture(work: Callable[[], None], pool: object, device: torch.device) -> _Replay:
     """Run `work` twice (compiles, autotunes, allocates), then capture it into a graph in the shared pool."""
     for _ in range(2):
         work()
+    if device.type != "cuda":
+        return _EagerReplay(work)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
