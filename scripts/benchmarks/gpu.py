@@ -1,42 +1,50 @@
 """`bench gpu`: the torch backend on one GPU against plain transformers `generate` and the bandwidth limit.
 
-All in one process, on one model object, so the three figures of a row differ only in who drives the model:
+All in one process, on one set of weights, so the figures of a row differ only in who drives the model:
 1. bandwidth: a 4 GiB device-to-device copy, bytes read + written over the median of 20 timed copies;
 2. a Mistral-7B-shaped model (MistralConfig: 32 layers, hidden 4096, MLP 14336, 32 heads, 8 KV heads,
    vocab 32000) with random bf16 weights, and a word-level tokenizer whose prompts are exactly N tokens;
-3. `model.generate` on a static batch of each size (greedy, exactly `output` new tokens after `input` prompt
+3. the identity reference (identity.py): transformers' greedy tokens and logprobs for a few prompts;
+4. `model.generate` on a static batch of each size (greedy, exactly `output` new tokens after `input` prompt
    tokens), each step timed by a streamer, so it gets the same TTFT / ITL / E2E statistics as a server run;
-   both sides first run once at full length, untimed: the first run at a new batch size was up to 3x slower
-   per step (H200: 59 ms, then 20.5 ms), most likely while the CUDA caching allocator met each KV-cache size;
-4. the torch backend (its public constructor, this model; started only after step 3, so its idle engine
-   thread is not there while generate runs) driven by the direct mode: at each concurrency, two waves of
-   requests of the same lengths (EOS ignored);
-5. the limit: each decode step reads every weight once (the input embedding only for the rows it looks up),
+   both sides first run once at full length, untimed;
+5. the torch backend built on the same weights (`TorchBackend.from_hf_model`, which takes the transformers
+   model apart, so this comes after 3 and 4): its load report (KV pool, graph buckets, compile/capture time,
+   peak memory), the identity comparison, then the direct mode at each concurrency: two waves of requests
+   of the same lengths (EOS ignored);
+6. arrivals: `arrival_requests` requests with prompts uniform in 64..2,048 tokens arriving as a Poisson
+   process; per request, the ratio of its inter-token gaps' p99 to their median (target: <= 3, while the long
+   prompts are prefilled in chunks beside the decoding streams);
+7. the limit: each decode step reads every weight once (the input embedding only for the rows it looks up),
    so aggregate tokens/s <= batch x bandwidth / weight bytes; the KV cache a step also reads makes the second,
    tighter limit. Utilisation is measured tokens/s over the weights-only limit.
-Batch-1 decode tokens/s is 1 / ITL at batch 1 (decode only, no prefill), the same way for both.
+Output tokens/s of a row is tokens over the wall time of the run (prefill included); decode tokens/s is
+concurrency / ITL p50 (the batch-1 figure is 1 / ITL at batch 1, the same way for both sides).
 Peak memory is `torch.cuda.max_memory_allocated` during each run (the 13.5 GiB of weights included).
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.table import Table
 from transformers import AutoModelForCausalLM, GenerationConfig, MistralConfig, PreTrainedModel
 from transformers.generation.streamers import BaseStreamer
 
-from model.backends.base import Limits
-from model.backends.torch_batcher import TorchBackend
+from model.backends.torch import TorchBackend
+from model.settings import load_settings
+from scripts.benchmarks import identity
 from scripts.benchmarks.datasets import BenchRequest, LengthDist, PromptCodec, random_corpus, synthetic, word_tokenizer
 from scripts.benchmarks.direct import direct_sender
-from scripts.benchmarks.loadgen import LoadLevel, RunPlan, run_levels
+from scripts.benchmarks.loadgen import LoadLevel, RunPlan, measure, run_levels
 from scripts.benchmarks.report import console, print_json_line, run_meta, write_results
 from scripts.benchmarks.stats import RequestRecord, RunSummary, summarize
 
@@ -51,6 +59,8 @@ class GpuRow:
     hf_generate_tok_s: float
     backend_itl_ms: float  # p50
     hf_itl_ms: float
+    backend_decode_tok_s: float  # concurrency / ITL p50
+    backend_ttft_ms: float  # p50
     limit_tok_s: float  # weights only
     limit_kv_tok_s: float  # weights + the KV cache a step reads, at the run's mean context
     backend_peak_gib: float
@@ -62,20 +72,22 @@ class GpuRow:
         return self.backend_tok_s / self.limit_tok_s
 
 
-def measure_bandwidth(size_bytes: int = 4 * GIB, repeats: int = 20) -> float:
+def measure_bandwidth(device: str = "cuda", size_bytes: int = 4 * GIB, repeats: int = 20) -> float:
     """Device memory bandwidth in bytes/s, counting each copied byte read once and written once."""
-    src = torch.randint(0, 255, (size_bytes,), dtype=torch.uint8, device="cuda")
+    src = torch.randint(0, 255, (size_bytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    times = [_cuda_seconds(lambda: dst.copy_(src)) for _ in range(repeats)]
+    times = [_seconds(lambda: dst.copy_(src), device) for _ in range(repeats)]
     return 2 * size_bytes / statistics.median(times)
 
 
-def random_model(config: MistralConfig = MISTRAL_7B, dtype: torch.dtype = torch.bfloat16) -> PreTrainedModel:
-    """Random weights of the given shape, built directly on the GPU."""
+def random_model(
+    config: MistralConfig = MISTRAL_7B, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"
+) -> PreTrainedModel:
+    """Random weights of the given shape, built directly on the device."""
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
@@ -114,10 +126,10 @@ def hf_generate(model: PreTrainedModel, batch: int, input_len: int, new_tokens: 
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos
     )
     clock = _StepClock()
-    torch.cuda.synchronize()
+    _sync(model.device)
     start = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=clock)
-    torch.cuda.synchronize()
+    _sync(model.device)
     end = time.perf_counter()
     return [RequestRecord(row, input_len, start, end, clock.times[1:], new_tokens) for row in range(batch)]
 
@@ -128,6 +140,12 @@ class GpuPlan:
     input_len: int = 128
     output_len: int = 128
     waves: int = 2
+    arrival_requests: int = 64
+    arrival_rate: float = 16.0  # requests/s
+    identity_tokens: int = 16
+    model: MistralConfig = field(default_factory=lambda: MISTRAL_7B)
+    device: str = "cuda"  # "cpu" runs the same suite on a small `model` (the unit test of this module)
+    bandwidth_bytes: int = 4 * GIB
 
 
 @dataclass(frozen=True)
@@ -144,20 +162,39 @@ class Ceiling:
 
 
 def run_gpu_suite(plan: GpuPlan, out_dir: Path) -> list[GpuRow]:
-    """Steps 1-5 of the module docstring; prints the table, writes `<out>/gpu.*`, ends with one JSON line."""
-    bandwidth = measure_bandwidth()
-    model = random_model()
+    """Steps 1-7 of the module docstring; prints the tables, writes `<out>/gpu.*`, ends with one JSON line."""
+    bandwidth = measure_bandwidth(plan.device, plan.bandwidth_bytes)
+    dtype = torch.bfloat16 if plan.device == "cuda" else torch.float32
+    model = random_model(plan.model, dtype, plan.device)
     ceiling = Ceiling(bandwidth, weight_bytes_per_step(model), kv_bytes_per_token(model.config))
-    hf_runs = [_hf_level(model, concurrency, plan) for concurrency in plan.concurrencies]
     vocab = model.config.vocab_size
-    inputs, outputs = LengthDist("fixed", plan.input_len), LengthDist("fixed", plan.output_len)
-    codec = PromptCodec(word_tokenizer(vocab), "raw")
-    prompts = synthetic(codec, plan.waves * max(plan.concurrencies), inputs, outputs, corpus=random_corpus(vocab))
-    limits = Limits(max_input_len=4096, max_seq_len=8192, max_new_tokens=4096, max_batch_size=max(plan.concurrencies))
-    backend = TorchBackend(model, limits, frozenset({vocab - 1}), pad_id=vocab - 1)
+    settings = load_settings(
+        {"device": plan.device, "max_batch_size": max(plan.concurrencies), "max_seq_len": 8192, "warmup": False},
+        environ={},
+    )
+    budget = settings.max_num_batched_tokens or 512
+    check_prompts = identity.identity_prompts(vocab, budget, settings.kv_page_size)
+    references = [identity.reference(model, p, plan.identity_tokens) for p in check_prompts]
+    hf_runs = [_hf_level(model, concurrency, plan) for concurrency in plan.concurrencies]
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
+    backend = TorchBackend.from_hf_model(model, settings, frozenset({vocab - 1}))
     backend.start()
     try:
+        checks = [
+            identity.compare(ref, tokens, logprobs, len(prompt))
+            for ref, prompt, (tokens, logprobs) in zip(
+                references,
+                check_prompts,
+                identity.engine_outputs(backend, check_prompts, plan.identity_tokens),
+                strict=True,
+            )
+        ]
+        codec = PromptCodec(word_tokenizer(vocab), "raw")
+        inputs, outputs = LengthDist("fixed", plan.input_len), LengthDist("fixed", plan.output_len)
+        prompts = synthetic(codec, plan.waves * max(plan.concurrencies), inputs, outputs, corpus=random_corpus(vocab))
         backend_runs = [_backend_level(backend, prompts, concurrency, plan) for concurrency in plan.concurrencies]
+        arrivals = _arrivals(backend, codec, vocab, plan)
     finally:
         backend.shutdown()
     mean_context = plan.input_len + plan.output_len / 2
@@ -168,6 +205,8 @@ def run_gpu_suite(plan: GpuPlan, out_dir: Path) -> list[GpuRow]:
             hf_generate_tok_s=hf_run.output_tokens_per_s,
             backend_itl_ms=backend_run.itl_ms["p50"] or 0.0,
             hf_itl_ms=hf_run.itl_ms["p50"] or 0.0,
+            backend_decode_tok_s=concurrency * 1000.0 / (backend_run.itl_ms["p50"] or float("inf")),
+            backend_ttft_ms=backend_run.ttft_ms["p50"] or 0.0,
             limit_tok_s=ceiling.tokens_per_s(concurrency),
             limit_kv_tok_s=ceiling.tokens_per_s(concurrency, mean_context),
             backend_peak_gib=backend_run.extra["peak_gib"],
@@ -180,6 +219,7 @@ def run_gpu_suite(plan: GpuPlan, out_dir: Path) -> list[GpuRow]:
         "backend_batch1_decode_tok_s": 1000.0 / rows[0].backend_itl_ms,
         "hf_batch1_decode_tok_s": 1000.0 / rows[0].hf_itl_ms,
         "limit_batch1_decode_tok_s": ceiling.tokens_per_s(1),
+        "backend_ttft_c1_p50_ms": rows[0].backend_ttft_ms,
     }
     meta = run_meta(
         suite="gpu",
@@ -189,33 +229,68 @@ def run_gpu_suite(plan: GpuPlan, out_dir: Path) -> list[GpuRow]:
         kv_bytes_per_token=ceiling.kv_bytes_per_token,
         input_len=plan.input_len,
         output_len=plan.output_len,
+        engine=backend.load_report,
+        identity=identity.summary(checks),
+        arrivals=arrivals.extra["itl_ratio"],
         rows=[asdict(r) | {"utilisation": r.utilisation} for r in rows],
         **decode,
     )
-    paths = write_results(out_dir / "gpu", meta, backend_runs + hf_runs)
+    paths = write_results(out_dir / "gpu", meta, [*backend_runs, arrivals, *hf_runs])
     print_gpu_table(rows, meta)
     print(markdown_table(rows))
     console.print("results: " + ", ".join(map(str, paths)))
     headline = {"suite": "gpu", "gpu": meta["machine"]["gpu"], "bandwidth_gb_s": round(bandwidth / 1e9, 1)}
-    print_json_line(headline | {k: round(v, 1) for k, v in decode.items()} | {"rows": meta["rows"]})
+    print_json_line(
+        headline
+        | {k: round(v, 1) for k, v in decode.items()}
+        | {"engine": backend.load_report, "identity_ok": meta["identity"]["ok"], "arrivals": meta["arrivals"]}
+        | {"rows": meta["rows"]}
+    )
     return rows
 
 
 def _hf_level(model: PreTrainedModel, batch: int, plan: GpuPlan) -> RunSummary:
     hf_generate(model, batch, plan.input_len, plan.output_len)  # warm-up: every KV size this run meets
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak(plan.device)
     records = hf_generate(model, batch, plan.input_len, plan.output_len)
     summary = summarize(records, label=f"c={batch}", mode="hf-generate", concurrency=batch)
-    summary.extra["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+    summary.extra["peak_gib"] = _peak_gib(plan.device)
     return summary
 
 
 def _backend_level(backend: TorchBackend, prompts: list[BenchRequest], concurrency: int, plan: GpuPlan) -> RunSummary:
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak(plan.device)
     run_plan = RunPlan(num_requests=plan.waves * concurrency, warmup_tokens=None)
     (summary,) = run_levels(prompts, direct_sender(backend), [LoadLevel(concurrency=concurrency)], run_plan, "direct")
-    summary.extra["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+    summary.extra["peak_gib"] = _peak_gib(plan.device)
     return summary
+
+
+def _arrivals(backend: TorchBackend, codec: PromptCodec, vocab: int, plan: GpuPlan) -> RunSummary:
+    """Step 6: Poisson arrivals of mixed prompt lengths; each request's ITL p99 / median."""
+    inputs, outputs = LengthDist("uniform", 64, 2048), LengthDist("fixed", plan.output_len)
+    requests = synthetic(codec, plan.arrival_requests, inputs, outputs, seed=1, corpus=random_corpus(vocab))
+    level = LoadLevel(rate=plan.arrival_rate)
+    records = asyncio.run(measure(requests, direct_sender(backend), level, RunPlan(plan.arrival_requests), "direct"))
+    summary = summarize(records, label=level.label + " arrivals", mode="direct", request_rate=plan.arrival_rate)
+    summary.extra["itl_ratio"] = itl_ratios(records)
+    return summary
+
+
+def itl_ratios(records: list[RequestRecord], limit: float = 3.0) -> dict[str, Any]:
+    """Per request: p99 / median of the gaps between its tokens; how many exceed `limit`."""
+    ratios = []
+    for record in records:
+        gaps = np.diff(record.chunk_times)
+        if record.ok and gaps.size >= 2:
+            ratios.append(float(np.percentile(gaps, 99) / np.median(gaps)))
+    return {
+        "requests": len(ratios),
+        "limit": limit,
+        "over_limit": sum(r > limit for r in ratios),
+        "max_ratio": round(max(ratios), 3) if ratios else None,
+        "median_ratio": round(float(np.median(ratios)), 3) if ratios else None,
+    }
 
 
 COLUMNS = (
@@ -223,6 +298,8 @@ COLUMNS = (
     "torch backend tok/s",
     "HF generate tok/s",
     "backend / HF",
+    "backend decode tok/s",
+    "TTFT ms p50",
     "ITL ms p50 (backend / HF)",
     "limit tok/s (weights)",
     "limit (weights + KV)",
@@ -238,6 +315,8 @@ def _cells(r: GpuRow) -> list[str]:
         f"{r.backend_tok_s:,.0f}",
         f"{r.hf_generate_tok_s:,.0f}",
         f"{r.backend_tok_s / r.hf_generate_tok_s:.2f}",
+        f"{r.backend_decode_tok_s:,.0f}",
+        f"{r.backend_ttft_ms:.1f}",
         f"{r.backend_itl_ms:.1f} / {r.hf_itl_ms:.1f}",
         f"{r.limit_tok_s:,.0f}",
         f"{r.limit_kv_tok_s:,.0f}",
@@ -257,8 +336,12 @@ def print_gpu_table(rows: list[GpuRow], meta: dict[str, Any]) -> None:
     console.print(table)
     console.print(
         f"batch-1 decode tok/s: backend {meta['backend_batch1_decode_tok_s']:.1f}, "
-        f"HF generate {meta['hf_batch1_decode_tok_s']:.1f}, limit {meta['limit_batch1_decode_tok_s']:.1f}"
+        f"HF generate {meta['hf_batch1_decode_tok_s']:.1f}, limit {meta['limit_batch1_decode_tok_s']:.1f}; "
+        f"TTFT p50 at c=1: {meta['backend_ttft_c1_p50_ms']:.1f} ms"
     )
+    console.print("engine: " + ", ".join(f"{k}={v}" for k, v in meta["engine"].items()))
+    console.print(f"identity vs transformers: {meta['identity']}")
+    console.print(f"arrivals, per-request ITL p99 / median: {meta['arrivals']}")
 
 
 def markdown_table(rows: list[GpuRow]) -> str:
@@ -267,10 +350,28 @@ def markdown_table(rows: list[GpuRow]) -> str:
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def _cuda_seconds(work: Callable[[], object]) -> float:
+def _seconds(work: Callable[[], object], device: str) -> float:
+    if device != "cuda":
+        started = time.perf_counter()
+        work()
+        return time.perf_counter() - started
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     work()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1000
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / GIB if device == "cuda" else 0.0

@@ -213,17 +213,20 @@ class GatherDecode:
 class FlexDecode:
     """Decode attention on CUDA: flex_attention over the whole pool with a block mask per batch-size bucket.
 
-    A row's block table becomes its block mask: every block but the last is a "full" block (all its slots are
-    before the query, so no mask is evaluated there) and the last is "partial" (slots past the query are
-    masked, using `logical_index[block]`, the block's index in every table that holds it, see kv_blocks.py).
-    Sliding-window layers treat every block as partial. flex_attention visits only these blocks. The masks'
-    tensors are static buffers that `fill` updates before each step, so a step can be captured in a CUDA graph:
-    [rows, 1, 1] block counts and [rows, 1, 1, num_blocks] block ids. Padding rows attend the scratch block.
+    A row's block table becomes its block mask: flex_attention visits only those blocks, and the mask drops
+    the slots past the query (and before a sliding window), using `logical_index[block]`, the block's index in
+    every table that holds it (see kv_blocks.py). With `full_blocks`, every block but the last is declared
+    "full" (no mask evaluated there): on CPU, whose flex template needs full blocks; not on CUDA, where the
+    decoding kernel then splits only a fixed share of the pool across thread blocks instead of a row's blocks.
+    The masks' tensors are static buffers that `fill` updates before each step, so a step can be captured in a
+    CUDA graph: [rows, 1, 1] block counts, [rows, 1, 1, num_blocks] block ids. Padding rows attend the scratch
+    block.
     """
 
     def __init__(self, *, max_rows: int, num_blocks: int, block_size: int, device: torch.device) -> None:
         from torch.nn.attention.flex_attention import flex_attention
 
+        self.full_blocks = device.type == "cpu"
         self.block_size = block_size
         self.num_slots = num_blocks * block_size
 
@@ -239,6 +242,9 @@ class FlexDecode:
         self.no_count = counts()
         self.q_pos = torch.zeros(max_rows, dtype=torch.int32, device=device)
         self.logical_index = torch.zeros(num_blocks, dtype=torch.int32, device=device)
+        # one compiled kernel per (bucket, window): more than dynamo's default recompile limit of 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
         self._flex = torch.compile(flex_attention, dynamic=False)
         self._masks: dict[tuple[int, int | None], object] = {}
 
@@ -274,12 +280,14 @@ class FlexDecode:
         if key not in self._masks:
             from torch.nn.attention.flex_attention import BlockMask
 
-            if window is None:
+            full: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+            if window is None and self.full_blocks:
                 partial = (self.last_count[:rows], self.last_index[:rows])
                 full = (self.full_count[:rows], self.full_index[:rows])
             else:
                 partial = (self.all_count[:rows], self.all_index[:rows])
-                full = (self.no_count[:rows], self.full_index[:rows])
+                if self.full_blocks:
+                    full = (self.no_count[:rows], self.full_index[:rows])
             self._masks[key] = BlockMask.from_kv_blocks(
                 *partial,
                 *full,
