@@ -26,6 +26,7 @@ Peak memory is `torch.cuda.max_memory_allocated` during each run (the 13.5 GiB o
 from __future__ import annotations
 
 import asyncio
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -175,21 +176,30 @@ def run_gpu_suite(plan: GpuPlan, out_dir: Path) -> list[GpuRow]:
     budget = settings.max_num_batched_tokens or 512
     check_prompts = identity.identity_prompts(vocab, budget, settings.kv_page_size)
     references = [identity.reference(model, p, plan.identity_tokens) for p in check_prompts]
+    float32 = copy.deepcopy(model).float()  # identity step 4; freed before the timed runs
     hf_runs = [_hf_level(model, concurrency, plan) for concurrency in plan.concurrencies]
     if plan.device == "cuda":
         torch.cuda.empty_cache()
     backend = TorchBackend.from_hf_model(model, settings, frozenset({vocab - 1}))
     backend.start()
     try:
+        engine_out = identity.engine_outputs(backend, check_prompts, plan.identity_tokens)
         checks = [
             identity.compare(ref, tokens, logprobs, len(prompt))
-            for ref, prompt, (tokens, logprobs) in zip(
-                references,
-                check_prompts,
-                identity.engine_outputs(backend, check_prompts, plan.identity_tokens),
-                strict=True,
-            )
+            for ref, prompt, (tokens, logprobs) in zip(references, check_prompts, engine_out, strict=True)
         ]
+        float32_gaps = [
+            {
+                "engine": identity.against_float32(identity.teacher_forced(float32, prompt, tokens), tokens, lps),
+                "transformers": identity.against_float32(
+                    identity.teacher_forced(float32, prompt, ref.tokens), ref.tokens, ref.logprobs
+                ),
+            }
+            for ref, prompt, (tokens, lps) in zip(references, check_prompts, engine_out, strict=True)
+        ]
+        del float32
+        if plan.device == "cuda":
+            torch.cuda.empty_cache()
         codec = PromptCodec(word_tokenizer(vocab), "raw")
         inputs, outputs = LengthDist("fixed", plan.input_len), LengthDist("fixed", plan.output_len)
         prompts = synthetic(codec, plan.waves * max(plan.concurrencies), inputs, outputs, corpus=random_corpus(vocab))
@@ -230,7 +240,7 @@ def run_gpu_suite(plan: GpuPlan, out_dir: Path) -> list[GpuRow]:
         input_len=plan.input_len,
         output_len=plan.output_len,
         engine=backend.load_report,
-        identity=identity.summary(checks),
+        identity=identity.summary(checks) | {"against_float32": float32_gaps},
         arrivals=arrivals.extra["itl_ratio"],
         rows=[asdict(r) | {"utilisation": r.utilisation} for r in rows],
         **decode,

@@ -7,7 +7,10 @@ On a GPU in bf16 two correct implementations differ in rounding, so exact token 
    the prefix cache), asking for logprobs;
 3. `compare`: tokens must agree until the first step where the reference's top-2 margin is within
    `tie_margin` (a near-tie that rounding may flip; nothing after it is compared); a disagreement anywhere
-   else is a mismatch; the logprobs of agreeing tokens must be within `logprob_tol`.
+   else is a mismatch; the logprobs of agreeing tokens must be within `logprob_tol`;
+4. `against_float32`: how far each bf16 side (engine, transformers) is from the same weights in float32,
+   each on its own tokens (teacher forcing): if the engine is no further from float32 than transformers is,
+   a gap between the two bf16 sides is rounding, not a bug.
 On CPU in float32 the unit tests ask for exact token identity instead (tests/unit/test_torch_engine.py).
 """
 
@@ -122,3 +125,28 @@ def summary(results: list[Comparison]) -> dict:
         "logprob_tol": LOGPROB_TOL,
         "prompts": [asdict(r) | {"ok": r.ok} for r in results],
     }
+
+
+@torch.inference_mode()
+def teacher_forced(model: PreTrainedModel, prompt: list[int], tokens: list[int]) -> Reference:
+    """The model's logprob of each given token after the prompt and the tokens before it; margins of its top 2."""
+    ids = torch.tensor([prompt + tokens], device=model.device)
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) + len(tokens) - 1].float()
+    top2 = logits.topk(2, dim=-1)
+    logprobs = logits.log_softmax(-1).gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
+    return Reference(top2.indices[:, 0].tolist(), logprobs.tolist(), (top2.values[:, 0] - top2.values[:, 1]).tolist())
+
+
+def against_float32(forced: Reference, tokens: list[int], logprobs: list[float]) -> dict:
+    """One bf16 side against float32 on its own tokens: steps until a clear disagreement, largest logprob gap."""
+    agreeing, worst = 0, 0.0
+    for step, token in enumerate(tokens):
+        worst = max(worst, abs(logprobs[step] - forced.logprobs[step]))
+        if token != forced.tokens[step]:
+            return {
+                "agreeing_steps": agreeing,
+                "clear_mismatch": forced.margins[step] > TIE_MARGIN,
+                "max_logprob_diff": worst,
+            }
+        agreeing += 1
+    return {"agreeing_steps": agreeing, "clear_mismatch": False, "max_logprob_diff": worst}

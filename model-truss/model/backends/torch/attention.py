@@ -84,6 +84,35 @@ class PrefillSegment:
     context_slots: torch.Tensor  # [start + length] int64: the pool slots of positions 0 .. start + length - 1
 
 
+class PackedPrefill:
+    """All prefill chunks of a step attended at once (static shapes, so the step can be a CUDA graph).
+
+    The chunks' contexts are gathered side by side from the pool — context_slots [C] (each chunk's positions
+    0 .. end, chunk after chunk, then padding on the scratch block) — and one SDPA call masks what each token
+    may see: key_seg / key_pos [C] say whose position each context entry is, query_seg / query_pos [L] the
+    same for the chunk tokens. Padding tokens (segment -1) see only the padding entries (there is always one).
+    """
+
+    def __init__(
+        self,
+        context_slots: torch.Tensor,
+        query_seg: torch.Tensor,
+        query_pos: torch.Tensor,
+        key_seg: torch.Tensor,
+        key_pos: torch.Tensor,
+    ) -> None:
+        self.context_slots = context_slots
+        self._same = query_seg[:, None] == key_seg[None, :]  # [L, C]
+        self._q_pos, self._k_pos = query_pos[:, None], key_pos[None, :]
+        self._masks: dict[int | None, torch.Tensor] = {}  # per window, for this forward pass only
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[L, C] bool"""
+        if window not in self._masks:
+            self._masks[window] = self._same & _visible(self._q_pos, self._k_pos, window)
+        return self._masks[window]
+
+
 @dataclass
 class AttentionMeta:
     """Everything attention needs for one forward pass over a packed token list."""
@@ -92,6 +121,7 @@ class AttentionMeta:
     num_decode: int
     decode: DecodeAttention | None
     prefill: list[PrefillSegment] = field(default_factory=list)
+    packed: PackedPrefill | None = None  # instead of `prefill`: every token after the decode rows at once
 
 
 def attend(
@@ -118,6 +148,13 @@ def attend(
     for seg in meta.prefill:
         rows = slice(seg.offset, seg.offset + seg.length)
         outputs.append(_prefill(pool, layer, seg, q[rows], k[rows], v[rows], scale, window, softcap))
+    if meta.packed is not None:
+        slots = meta.packed.context_slots
+        keys = pool.keys(layer).index_select(1, slots)[None]  # [1, Hkv, C, D]
+        values = pool.values(layer).index_select(1, slots)[None]
+        query = q[meta.num_decode :].transpose(0, 1)[None]  # [1, Hq, L, D]
+        mask = meta.packed.mask(window)[None, None]
+        outputs.append(_sdpa(query, keys, values, mask, scale, softcap)[0].transpose(0, 1))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
@@ -179,9 +216,10 @@ class GatherDecode:
     shorter rows point their tail at the scratch block); lengths [rows] int64: each row's context length.
     """
 
-    def __init__(self, slots: torch.Tensor, lengths: torch.Tensor) -> None:
+    def __init__(self, slots: torch.Tensor, lengths: torch.Tensor, *, equal_lengths: bool) -> None:
         self.slots = slots
         self.lengths = lengths
+        self._equal_lengths = equal_lengths  # known on the host: no mask needed without a window
         self._masks: dict[int | None, torch.Tensor | None] = {}
 
     def __call__(
@@ -203,10 +241,12 @@ class GatherDecode:
     def _mask(self, window: int | None) -> torch.Tensor | None:
         """[B, 1, 1, C] bool, or None when every row sees its whole (equally long) context."""
         if window not in self._masks:
-            k_pos = torch.arange(self.slots.shape[1], device=self.slots.device)[None, :]
-            q_pos = (self.lengths - 1)[:, None]
-            visible = _visible(q_pos, k_pos, window)
-            self._masks[window] = None if bool(visible.all()) else visible[:, None, None, :]
+            if self._equal_lengths and (window is None or window >= self.slots.shape[1]):
+                self._masks[window] = None
+            else:
+                k_pos = torch.arange(self.slots.shape[1], device=self.slots.device)[None, :]
+                q_pos = (self.lengths - 1)[:, None]
+                self._masks[window] = _visible(q_pos, k_pos, window)[:, None, None, :]
         return self._masks[window]
 
 

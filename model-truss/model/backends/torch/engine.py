@@ -151,6 +151,7 @@ class TorchBackend(BatchingBackend):
             blocks,
             max_rows=config.max_rows,
             max_seq_len=max_seq_len,
+            token_budget=config.token_budget,
             flex=native and config.flex_decode,
         )
         capture_s, decode_attention = 0.0, "flex_attention" if runner.flex is not None else "gather + sdpa"
@@ -160,7 +161,14 @@ class TorchBackend(BatchingBackend):
             except Exception as exc:  # an unsupported GPU/compiler combination: serve, slower, rather than not at all
                 logger.exception("decode graph capture failed; decoding eagerly with gather + SDPA attention")
                 runner = ModelRunner(
-                    model, pool, sampler, blocks, max_rows=config.max_rows, max_seq_len=max_seq_len, flex=False
+                    model,
+                    pool,
+                    sampler,
+                    blocks,
+                    max_rows=config.max_rows,
+                    max_seq_len=max_seq_len,
+                    token_budget=config.token_budget,
+                    flex=False,
                 )
                 decode_attention = f"gather + sdpa (flex_attention / graph capture failed: {type(exc).__name__})"
         scheduler = Scheduler(
@@ -178,6 +186,7 @@ class TorchBackend(BatchingBackend):
             "decode_attention": decode_attention,
             "compile_ops": config.compile_ops and native,
             "graph_buckets": runner.buckets if runner.graphed else [],
+            "prefill_graphs": len(runner.prefill_graphs),
             "capture_s": round(capture_s, 1),
             "warmup_s": round(time.perf_counter() - started, 1),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -380,7 +389,7 @@ def _build_model(hf_model: PreTrainedModel, config: EngineConfig, max_positions:
         why = "torch_model_impl=transformers" if reason is None else reason
         logger.info("torch engine: transformers modules on the paged KV pool (%s)", why)
         return HFCausalLM(hf_model), f"transformers ({why})"
-    ops = Ops.compiled() if config.compile_ops else Ops.eager()
+    ops = Ops.compiled() if config.compile_ops else Ops.eager()  # for the CUDA graphs
     logger.info("torch engine: native Llama-family forward for %s", hf_model.config.model_type)
     return NativeLlama(hf_model, max_positions, ops), f"native ({hf_model.config.model_type})"
 

@@ -78,7 +78,14 @@ class HFCausalLM:
         self._calls = [0] * self.num_layers
 
     def compute_logits(
-        self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, pool: KVPool, index: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMeta,
+        pool: KVPool,
+        index: torch.Tensor,
+        *,
+        graphed: bool = False,
     ) -> torch.Tensor:
         """tokens/positions [T] packed -> float32 logits [B, vocab] at packed positions `index` [B]."""
         self._calls = [0] * self.num_layers

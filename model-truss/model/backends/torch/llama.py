@@ -85,10 +85,12 @@ class _Layer(nn.Module):
 class NativeLlama(nn.Module):
     """forward(tokens [T], positions [T], meta) -> final-normed hidden states [T, hidden]."""
 
-    def __init__(self, hf_model: PreTrainedModel, max_positions: int, ops: Ops) -> None:
+    def __init__(self, hf_model: PreTrainedModel, max_positions: int, graph_ops: Ops) -> None:
         super().__init__()
         config = hf_model.config
-        self.ops = ops
+        # Eager steps launch every op from Python, and a compiled region's guards cost more host time than the
+        # few kernels it saves; CUDA graphs replay without the host, so there the fused (compiled) ops pay.
+        self.eager_ops, self.graph_ops = Ops.eager(), graph_ops
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         body = hf_model.model
@@ -114,8 +116,10 @@ class NativeLlama(nn.Module):
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, pool: KVPool) -> torch.Tensor:
-        ops, eps = self.ops, self.eps
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, pool: KVPool, ops: Ops
+    ) -> torch.Tensor:
+        eps = self.eps
         cos, sin = self.cos[positions], self.sin[positions]  # [T, head_dim]
         h = self.embed(tokens)  # [T, hidden]
         x = ops.rms_norm(h, self.layers[0].input_norm, eps)
@@ -128,10 +132,18 @@ class NativeLlama(nn.Module):
         return x
 
     def compute_logits(
-        self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, pool: KVPool, index: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMeta,
+        pool: KVPool,
+        index: torch.Tensor,
+        *,
+        graphed: bool = False,
     ) -> torch.Tensor:
         """tokens/positions [T] packed -> float32 logits [B, vocab] at packed positions `index` [B]."""
-        return self.lm_head(self.forward(tokens, positions, meta, pool)[index]).float()
+        ops = self.graph_ops if graphed else self.eager_ops
+        return self.lm_head(self.forward(tokens, positions, meta, pool, ops)[index]).float()
 
 
 def _fused_linear(*parts: nn.Linear) -> nn.Linear:

@@ -30,7 +30,14 @@ import numpy as np
 import torch
 
 from model.backends.base import MAX_TOP_LOGPROBS
-from model.backends.torch.attention import AttentionMeta, FlexDecode, GatherDecode, KVPool, PrefillSegment
+from model.backends.torch.attention import (
+    AttentionMeta,
+    FlexDecode,
+    GatherDecode,
+    KVPool,
+    PackedPrefill,
+    PrefillSegment,
+)
 from model.backends.torch.kv_blocks import SCRATCH_BLOCK, BlockManager
 from model.backends.torch.sampler import FLOAT_FIELDS, INT_FIELDS, RowInputs, Sampler
 from model.backends.torch.scheduler import Sequence, StepPlan
@@ -75,6 +82,18 @@ def graph_buckets(max_rows: int) -> list[int]:
     """Batch sizes to capture: 1, 2, 4, 8, then every 16 (nano-vllm's choice), and max_rows itself."""
     buckets = [b for b in (1, 2, 4, 8) if b < max_rows] + list(range(16, max_rows, 16))
     return [*buckets, max_rows]
+
+
+PREFILL_MAX_CONTEXT = 8192  # prefill graphs gather at most this many context slots (a step's chunks together)
+
+
+def prefill_buckets(token_budget: int, max_seq_len: int) -> list[tuple[int, int]]:
+    """(chunk tokens, context slots) pairs to capture: powers of two from 32 tokens and 64 slots; a context
+    bucket is larger than its token bucket, so one context entry is always left for the padding tokens."""
+    tokens = [t for t in (32, 64, 128, 256, 512, 1024, 2048) if t < token_budget] + [token_budget]
+    limit = min(PREFILL_MAX_CONTEXT, max_seq_len + token_budget)
+    contexts = [c for c in (2**i for i in range(6, 14)) if c <= limit]
+    return [(t, c) for t in tokens for c in contexts if c > t]
 
 
 class _Uploader:
@@ -125,6 +144,7 @@ class ModelRunner:
         *,
         max_rows: int,
         max_seq_len: int,
+        token_budget: int,
         flex: bool,
     ) -> None:
         self.model = model
@@ -136,6 +156,7 @@ class ModelRunner:
         self.max_rows = max_rows
         self.max_blocks_per_row = -(-max_seq_len // self.block_size)
         self.buckets = graph_buckets(max_rows)
+        self.prefill_buckets = prefill_buckets(token_budget, max_seq_len)
         self._upload = _Uploader(self.device)
         self.flex = (
             FlexDecode(max_rows=max_rows, num_blocks=pool.num_blocks, block_size=self.block_size, device=self.device)
@@ -144,6 +165,7 @@ class ModelRunner:
         )
         self._graphs: dict[int, _Replay] = {}
         self._sampler_graphs: dict[tuple[int, bool, bool], _Replay] = {}
+        self._prefill_graphs: dict[tuple[int, int], _Replay] = {}
         self._all_bits = torch.full((max_rows + 1, sampler.bitmask_words), -1, dtype=torch.int32, device=self.device)
         pinned = self.device.type == "cuda"
         self._results = [  # per upload parity: sampled rows' ints and floats, pinned for non-blocking copies
@@ -167,8 +189,9 @@ class ModelRunner:
         if batch.seen_slots.size:
             seen_slots, seen_tokens = self._upload.upload([batch.seen_slots, batch.seen_tokens], torch.int64)
             self.sampler.mark_seen(seen_slots, seen_tokens)
-        if self._graphs and not plan.chunks and padded in self._graphs:
-            out_ints, out_floats = self._replay(plan, batch, padded)
+        prefill = self._prefill_bucket(plan)
+        if self._graphs and (not decode or padded in self._graphs) and (not plan.chunks or prefill is not None):
+            out_ints, out_floats = self._replay(plan, batch, padded, prefill)
         else:
             out_ints, out_floats = self._eager(plan, batch, padded)
         return self._read_back(plan, rows, out_ints[:rows], out_floats[:rows])
@@ -228,8 +251,13 @@ class ModelRunner:
         (dev_floats,) = self._upload.upload([batch.floats], torch.float32)
         bitmask = self._bitmask(batch, len(sample_index))
         tokens = torch.cat([self.sampler.last_token[dev_slots], dev_tokens]) if padded else dev_tokens
+        equal = len({s.num_tokens for s in decode}) <= 1
         decode_attention = (
-            self.flex if self.flex is not None else GatherDecode(uploaded[7], uploaded[8]) if decode else None
+            self.flex
+            if self.flex is not None
+            else GatherDecode(uploaded[7], uploaded[8], equal_lengths=equal)
+            if decode
+            else None
         )
         prefill, context_offset = [], 0
         for seg_offset, length, start in segments:
@@ -289,13 +317,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_graphs(self) -> float:
-        """Warm up and capture the decode forward and sampler graphs of every bucket; returns the seconds taken.
+        """Warm up and capture the decode forward, prefill forward and sampler graphs; returns the seconds taken.
 
         On CPU (tests) the "graphs" replay the same work eagerly on the same static buffers.
         """
         assert self.flex is not None, "decode graphs need the flex attention path (static shapes)"
         started = time.perf_counter()
         self._static = _StaticBuffers(self.max_rows, self.model.vocab_size, self.sampler, self.device)
+        self._pstatic = _PrefillBuffers(self.prefill_buckets, self.max_rows, self.model.vocab_size, self.device)
         self._fill_flex_padding(self.max_rows)
         on_cuda = self.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if on_cuda else None
@@ -306,6 +335,13 @@ class ModelRunner:
                     self._sampler_graphs[(bucket, full, logprobs)] = _capture(
                         lambda b=bucket, f=full, lp=logprobs: self._static_sample(b, f, lp), pool, self.device
                     )
+        try:
+            for tokens, context in reversed(self.prefill_buckets):
+                work = lambda t=tokens, c=context: self._prefill_forward(t, c)  # noqa: E731
+                self._prefill_graphs[(tokens, context)] = _capture(work, pool, self.device)
+        except Exception:  # decode graphs are the larger win: keep them, prefill eagerly
+            logger.exception("prefill graph capture failed; prefill chunks run eagerly")
+            self._prefill_graphs.clear()
         if on_cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - started
@@ -319,8 +355,25 @@ class ModelRunner:
         buf = self._static
         tokens = self.sampler.last_token[buf.input_slots[:bucket]]
         meta = AttentionMeta(buf.kv_slots[:bucket], bucket, self.flex)
-        logits = self.model.compute_logits(tokens, buf.positions[:bucket], meta, self.pool, buf.index[:bucket])
+        logits = self.model.compute_logits(
+            tokens, buf.positions[:bucket], meta, self.pool, buf.index[:bucket], graphed=True
+        )
         buf.logits[:bucket].copy_(logits)
+
+    def _prefill_forward(self, tokens: int, context: int) -> None:
+        buf = self._pstatic
+        packed = PackedPrefill(
+            buf.context_slots[:context],
+            buf.query_seg[:tokens],
+            buf.positions[:tokens],
+            buf.key_seg[:context],
+            buf.key_pos[:context],
+        )
+        meta = AttentionMeta(buf.kv_slots[:tokens], 0, None, packed=packed)
+        logits = self.model.compute_logits(
+            buf.tokens[:tokens], buf.positions[:tokens], meta, self.pool, buf.index, graphed=True
+        )
+        buf.logits.copy_(logits)
 
     def _static_sample(self, bucket: int, full: bool, logprobs: bool) -> None:
         buf = self._static
@@ -329,38 +382,104 @@ class ModelRunner:
         buf.out_ints[:bucket].copy_(ints)
         buf.out_floats[:bucket].copy_(floats)
 
-    def _replay(self, plan: StepPlan, batch: SampleBatch, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefill_bucket(self, plan: StepPlan) -> tuple[int, int] | None:
+        """The smallest captured (tokens, context) pair that holds the step's chunks, if any."""
+        if not plan.chunks or not self._prefill_graphs:
+            return None
+        tokens = sum(len(c.tokens) for c in plan.chunks)
+        context = sum(c.start + len(c.tokens) for c in plan.chunks)
+        return next(((t, c) for t, c in self.prefill_buckets if t >= tokens and c > context), None)
+
+    def _replay(
+        self, plan: StepPlan, batch: SampleBatch, bucket: int, prefill: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode graph, prefill graph (each if the step has such work), then the sampler graph."""
         buf = self._static
-        decode, pad = plan.decode, bucket - len(plan.decode)
+        if plan.decode:
+            self._replay_decode(plan, bucket)
+        if prefill is not None:
+            self._replay_prefill(plan, *prefill)
+            sampled_chunks = sum(c.samples for c in plan.chunks)
+            first = len(plan.decode)
+            buf.logits[first : first + sampled_chunks].copy_(self._pstatic.logits[:sampled_chunks])
+        rows = len(plan.sampled)
+        if not rows:
+            return buf.out_ints[:0], buf.out_floats[:0]
+        sample_bucket = self._bucket(rows)
+        pad = sample_bucket - rows
         scratch = self.sampler.scratch_slot
         ints = np.concatenate([batch.ints, np.tile(_padding_ints(scratch), (pad, 1))])
         floats = np.concatenate([batch.floats, np.ones((pad, FLOAT_FIELDS), dtype=np.float32)])
-        arrays = [
-            np.array([s.slot for s in decode] + [scratch] * pad, dtype=np.int64),
-            np.array([s.num_tokens - 1 for s in decode] + [0] * pad, dtype=np.int64),
-            np.array([self._slot(s.table.blocks, s.num_tokens - 1) for s in decode] + [0] * pad, dtype=np.int64),
-            ints,
-        ]
-        input_slots, positions, kv_slots, dev_ints = self._upload.upload(arrays, torch.int64)
+        (dev_ints,) = self._upload.upload([ints], torch.int64)
         (dev_floats,) = self._upload.upload([floats], torch.float32)
-        buf.input_slots[:bucket].copy_(input_slots)
-        buf.positions[:bucket].copy_(positions)
-        buf.kv_slots[:bucket].copy_(kv_slots)
-        buf.ints[:bucket].copy_(dev_ints)
-        buf.floats[:bucket].copy_(dev_floats)
+        buf.ints[:sample_bucket].copy_(dev_ints)
+        buf.floats[:sample_bucket].copy_(dev_floats)
         if batch.bitmask is not None:
             bits = np.concatenate([batch.bitmask, np.full((pad, batch.bitmask.shape[1]), -1, dtype=np.int32)])
             (dev_bits,) = self._upload.upload([bits], torch.int32)
-            buf.bitmask[:bucket].copy_(dev_bits)
-        self._graphs[bucket].replay()
-        self._sampler_graphs[(bucket, batch.full, batch.logprobs)].replay()
+            buf.bitmask[:sample_bucket].copy_(dev_bits)
+        self._sampler_graphs[(sample_bucket, batch.full, batch.logprobs)].replay()
         if batch.bitmask is not None:
-            buf.bitmask[:bucket].fill_(-1)
-        return buf.out_ints[:bucket], buf.out_floats[:bucket]
+            buf.bitmask[:sample_bucket].fill_(-1)
+        return buf.out_ints[:sample_bucket], buf.out_floats[:sample_bucket]
+
+    def _replay_decode(self, plan: StepPlan, bucket: int) -> None:
+        buf = self._static
+        decode, pad = plan.decode, bucket - len(plan.decode)
+        arrays = [
+            np.array([s.slot for s in decode] + [self.sampler.scratch_slot] * pad, dtype=np.int64),
+            np.array([s.num_tokens - 1 for s in decode] + [0] * pad, dtype=np.int64),
+            np.array([self._slot(s.table.blocks, s.num_tokens - 1) for s in decode] + [0] * pad, dtype=np.int64),
+        ]
+        input_slots, positions, kv_slots = self._upload.upload(arrays, torch.int64)
+        buf.input_slots[:bucket].copy_(input_slots)
+        buf.positions[:bucket].copy_(positions)
+        buf.kv_slots[:bucket].copy_(kv_slots)
+        self._graphs[bucket].replay()
+
+    def _replay_prefill(self, plan: StepPlan, tokens: int, context: int) -> None:
+        """Pack the chunks (padding: token 0 at position 0 on the scratch block, segment -1) and replay."""
+        ids, positions, kv_slots, query_seg = [], [], [], []
+        context_slots, key_seg, key_pos, index = [], [], [], []
+        offset = 0
+        for seg, chunk in enumerate(plan.chunks):
+            end = chunk.start + len(chunk.tokens)
+            slots = self._slots(chunk.seq.table.blocks, end)
+            ids.append(np.asarray(chunk.tokens, dtype=np.int64))
+            positions.append(np.arange(chunk.start, end, dtype=np.int64))
+            kv_slots.append(slots[chunk.start :])
+            query_seg.append(np.full(len(chunk.tokens), seg, dtype=np.int64))
+            context_slots.append(slots)
+            key_seg.append(np.full(end, seg, dtype=np.int64))
+            key_pos.append(np.arange(end, dtype=np.int64))
+            offset += len(chunk.tokens)
+            if chunk.samples:
+                index.append(offset - 1)
+        arrays = [
+            _padded(ids, tokens, 0),
+            _padded(positions, tokens, 0),
+            _padded(kv_slots, tokens, 0),
+            _padded(query_seg, tokens, -1),
+            _padded(context_slots, context, 0),
+            _padded(key_seg, context, -1),
+            _padded(key_pos, context, 0),
+            _padded([np.asarray(index, dtype=np.int64)], self.max_rows, 0),
+        ]
+        uploaded = self._upload.upload(arrays, torch.int64)
+        buf = self._pstatic
+        targets = [buf.tokens, buf.positions, buf.kv_slots, buf.query_seg]
+        targets += [buf.context_slots, buf.key_seg, buf.key_pos, buf.index]
+        for target, source in zip(targets, uploaded, strict=True):
+            target[: source.shape[0]].copy_(source)
+        self._prefill_graphs[(tokens, context)].replay()
 
     @property
     def graphed(self) -> bool:
         return bool(self._graphs)
+
+    @property
+    def prefill_graphs(self) -> list[tuple[int, int]]:
+        return sorted(self._prefill_graphs)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -393,6 +512,29 @@ class _StaticBuffers:
         self.bitmask = torch.full((rows, sampler.bitmask_words), -1, dtype=torch.int32, device=device)
         self.out_ints = zeros(rows, 1 + MAX_TOP_LOGPROBS)
         self.out_floats = zeros(rows, 1 + MAX_TOP_LOGPROBS, dtype=torch.float32)
+
+
+class _PrefillBuffers:
+    """The prefill graphs' inputs (packed chunk tokens [T], their contexts [C]) and sampled rows' logits."""
+
+    def __init__(self, buckets: list[tuple[int, int]], rows: int, vocab: int, device: torch.device) -> None:
+        tokens, context = max(t for t, _ in buckets), max(c for _, c in buckets)
+
+        def filled(size: int, value: int) -> torch.Tensor:
+            return torch.full((size,), value, dtype=torch.int64, device=device)
+
+        self.tokens, self.positions, self.kv_slots = filled(tokens, 0), filled(tokens, 0), filled(tokens, 0)
+        self.query_seg = filled(tokens, -1)
+        self.context_slots, self.key_seg, self.key_pos = filled(context, 0), filled(context, -1), filled(context, 0)
+        self.index = filled(rows, 0)
+        self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+
+
+def _padded(parts: list[np.ndarray], size: int, fill: int) -> np.ndarray:
+    out = np.full(size, fill, dtype=np.int64)
+    values = np.concatenate(parts) if parts else out[:0]
+    out[: values.size] = values
+    return out
 
 
 def _padding_ints(scratch_slot: int) -> np.ndarray:

@@ -176,19 +176,20 @@ class Scheduler:
             self.running.append(seq)
 
     def _decode_rows(self) -> list[Sequence]:
-        rows = []
+        rows, preempted = [], set()
         for seq in list(self.running):
-            if seq not in self.running or not seq.decoding or not seq.wants_token(self.max_seq_len):
+            if seq in preempted or not seq.decoding or not seq.wants_token(self.max_seq_len):
                 continue
             while not self.blocks.can_grow(seq.table, seq.num_tokens):
                 victim = max(self.running, key=lambda s: s.admitted)
                 self._preempt(victim)
+                preempted.add(victim)
                 if victim is seq:
                     break
             else:
                 self.blocks.grow(seq.table, seq.num_tokens)
                 rows.append(seq)
-        return [seq for seq in rows if seq in self.running]
+        return [seq for seq in rows if seq not in preempted] if preempted else rows
 
     def _prefill_chunks(self, budget: int) -> list[Chunk]:
         pending = [s for s in self.running if not s.decoding and s.in_flight == 0]
