@@ -92,6 +92,9 @@ class ServerSettings(BaseModel):
     )
     enable_prefix_caching: bool = True
     cuda_graphs: bool = Field(default=True, description="Capture decode steps as CUDA graphs per batch-size bucket.")
+    cuda_graph_prefill: bool = Field(
+        default=True, description="Also capture prefill chunks per (tokens, context) bucket (with cuda_graphs)."
+    )
     torch_compile: bool = Field(default=True, description="On CUDA: compile fused ops and flex attention.")
 
     # tensorrt_llm backend; kv_cache_free_gpu_memory_fraction also sizes the torch backend's KV pool on CUDA.

@@ -34,6 +34,7 @@ class EngineConfig:
     compile_ops: bool  # torch.compile the fused elementwise ops
     flex_decode: bool  # decode attention through compiled flex_attention (static shapes) instead of gather + SDPA
     graphs: bool  # capture decode steps per batch-size bucket (needs flex_decode)
+    prefill_graphs: bool  # and prefill chunks per (tokens, context) bucket
     kv_fraction: float
     kv_max_tokens: int | None
     cpu_kv_bytes: int
@@ -54,6 +55,7 @@ class EngineConfig:
             compile_ops=on_cuda and settings.torch_compile,
             flex_decode=on_cuda and settings.torch_compile,
             graphs=on_cuda and settings.torch_compile and settings.cuda_graphs,
+            prefill_graphs=settings.cuda_graph_prefill,
             kv_fraction=settings.kv_cache_free_gpu_memory_fraction,
             kv_max_tokens=settings.kv_cache_max_tokens,
             cpu_kv_bytes=int(settings.cpu_kv_cache_gib * GIB),

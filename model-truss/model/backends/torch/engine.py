@@ -157,7 +157,7 @@ class TorchBackend(BatchingBackend):
         capture_s, decode_attention = 0.0, "flex_attention" if runner.flex is not None else "gather + sdpa"
         if config.graphs and runner.flex is not None:
             try:
-                capture_s = runner.capture_graphs()
+                capture_s = runner.capture_graphs(prefill=config.prefill_graphs)
             except Exception as exc:  # an unsupported GPU/compiler combination: serve, slower, rather than not at all
                 logger.exception("decode graph capture failed; decoding eagerly with gather + SDPA attention")
                 runner = ModelRunner(

@@ -97,36 +97,50 @@ def prefill_buckets(token_budget: int, max_seq_len: int) -> list[tuple[int, int]
 
 
 class _Uploader:
-    """Host arrays -> device tensors through double-buffered pinned memory (plain views on CPU)."""
+    """Host arrays -> device tensors through pinned staging memory, without blocking the host.
+
+    A copy from pinned memory runs later, on the stream, so staging memory must not be rewritten until the
+    copy has run: every upload of a step takes fresh space in its step's buffer (a bump allocator), and the
+    two buffers alternate between steps (the step before last has been collected, so its copies are done).
+    On CPU the staging buffer is the result itself, which the same rule keeps from being overwritten.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._pinned: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
         self._parity = 0
+        self._buffers: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
+        self._used: list[dict[torch.dtype, int]] = [{}, {}]
+        self._retired: list[list[torch.Tensor]] = [[], []]  # outgrown this step; in use until the parity returns
 
     @property
     def parity(self) -> int:
         return self._parity
 
     def flip(self) -> None:
-        """Next step: use the other pinned buffers (the previous step's copies may still be in flight)."""
+        """Next step: the other buffers, from their start (the step that last used them has been collected)."""
         self._parity ^= 1
+        self._used[self._parity].clear()
+        self._retired[self._parity].clear()
 
     def upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
-        if self.device.type == "cpu":
-            return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         sizes = [a.size for a in arrays]
         total = max(1, sum(sizes))
-        buffers = self._pinned[self._parity]
-        if dtype not in buffers or buffers[dtype].numel() < total:
-            buffers[dtype] = torch.empty(2 * total, dtype=dtype, pin_memory=True)
-        host = buffers[dtype]
+        buffers, used = self._buffers[self._parity], self._used[self._parity]
+        start = used.get(dtype, 0)
+        if dtype not in buffers or start + total > buffers[dtype].numel():
+            if dtype in buffers:
+                self._retired[self._parity].append(buffers[dtype])
+            capacity = 2 * max(total, buffers[dtype].numel() if dtype in buffers else 0)
+            buffers[dtype] = torch.empty(capacity, dtype=dtype, pin_memory=self.device.type == "cuda")
+            start = 0
+        used[dtype] = start + total
+        host = buffers[dtype][start : start + total]
         numpy_host = host.numpy()
         offset = 0
         for array, size in zip(arrays, sizes, strict=True):
             numpy_host[offset : offset + size] = array.reshape(-1)
             offset += size
-        device = host[:total].to(self.device, non_blocking=True)
+        device = host.to(self.device, non_blocking=True)
         out, offset = [], 0
         for array, size in zip(arrays, sizes, strict=True):
             out.append(device[offset : offset + size].view(array.shape))
@@ -316,7 +330,7 @@ class ModelRunner:
     # -- CUDA graphs --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def capture_graphs(self) -> float:
+    def capture_graphs(self, *, prefill: bool = True) -> float:
         """Warm up and capture the decode forward, prefill forward and sampler graphs; returns the seconds taken.
 
         On CPU (tests) the "graphs" replay the same work eagerly on the same static buffers.
@@ -336,7 +350,7 @@ class ModelRunner:
                         lambda b=bucket, f=full, lp=logprobs: self._static_sample(b, f, lp), pool, self.device
                     )
         try:
-            for tokens, context in reversed(self.prefill_buckets):
+            for tokens, context in reversed(self.prefill_buckets if prefill else []):
                 work = lambda t=tokens, c=context: self._prefill_forward(t, c)  # noqa: E731
                 self._prefill_graphs[(tokens, context)] = _capture(work, pool, self.device)
         except Exception:  # decode graphs are the larger win: keep them, prefill eagerly
