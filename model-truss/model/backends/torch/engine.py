@@ -276,6 +276,9 @@ class TorchBackend(BatchingBackend):
                 raise
             logger.exception("a step of %d sequences failed; retrying each alone", len(plan.sequences))
             first_error = exc
+        if self._pending is not None:  # the retries deliver at once: the step before them goes first
+            self._collect(self._pending)
+            self._pending = None
         parts = plan.split()
         for part in parts:
             try:
@@ -356,7 +359,10 @@ class TorchBackend(BatchingBackend):
         self.blocks.register(seq.table, seq.token_ids, seq.num_computed)
         logprobs = None
         if params.logprobs is not None:
-            top = tuple((int(ints[1 + j]), float(floats[1 + j])) for j in range(min(params.logprobs, MAX_TOP_LOGPROBS)))
+            top = tuple(
+                (int(ints[1 + j]), float(floats[1 + j]))
+                for j in range(min(params.logprobs, MAX_TOP_LOGPROBS, self.model.vocab_size))
+            )
             logprobs = (TokenLogprob(token, float(floats[0]), top),)
         generated = len(seq.token_ids) - seq.num_prompt
         if seq.guide is not None and seq.guide.is_terminated():

@@ -154,9 +154,11 @@ def _outputs(logits: torch.Tensor, tokens: torch.Tensor, logprobs: bool) -> tupl
         ints[:, 0] = tokens
         return ints, torch.zeros(rows, 1 + MAX_TOP_LOGPROBS, dtype=torch.float32, device=logits.device)
     log_probs = logits.log_softmax(dim=-1)
-    top = log_probs.topk(MAX_TOP_LOGPROBS, dim=-1)
-    ints = torch.cat([tokens[:, None], top.indices], dim=1)
-    floats = torch.cat([log_probs.gather(1, tokens[:, None]), top.values], dim=1)
+    top = log_probs.topk(min(MAX_TOP_LOGPROBS, logits.shape[1]), dim=-1)
+    ints = torch.zeros(rows, 1 + MAX_TOP_LOGPROBS, dtype=torch.int64, device=logits.device)
+    floats = torch.zeros(rows, 1 + MAX_TOP_LOGPROBS, dtype=torch.float32, device=logits.device)
+    ints[:, 0], ints[:, 1 : 1 + top.indices.shape[1]] = tokens, top.indices
+    floats[:, 0], floats[:, 1 : 1 + top.values.shape[1]] = log_probs.gather(1, tokens[:, None])[:, 0], top.values
     return ints, floats
 
 

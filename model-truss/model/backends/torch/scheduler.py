@@ -100,9 +100,8 @@ class StepPlan:
         return self.decode + [c.seq for c in self.chunks]
 
     def split(self) -> list[StepPlan]:
-        """The same work as independent steps: the decode rows together, each prefill chunk alone."""
-        parts = [StepPlan(self.decode, [])] if self.decode else []
-        return parts + [StepPlan([], [chunk]) for chunk in self.chunks]
+        """The same work as independent steps, one sequence each."""
+        return [StepPlan([seq], []) for seq in self.decode] + [StepPlan([], [chunk]) for chunk in self.chunks]
 
 
 class Scheduler:
