@@ -476,3 +476,37 @@ def test_seeded_noise_samples_the_softmax_distribution() -> None:
     assert chi2 < 20.5, (counts, expected)  # p = 0.001 for 5 degrees of freedom
     same = [SamplingParams(1, temperature=1.0, seed=s) for s in range(3)]
     assert _sample(logits[:3], same, step=9)[0].tolist() == _sample(logits[:3], same, step=9)[0].tolist()
+
+
+def test_a_long_prompt_never_stalls_the_short_ones_beside_it(embedded_dir: Path, tokenizer) -> None:
+    """1,531 prompt tokens arriving with 15 short prompts (the step budget is 256 tokens on CPU): every short
+    request gets its first token within the first steps, then a token at every step until it ends, while the
+    long prompt is prefilled in chunks beside them. Counted in engine steps, not seconds."""
+    settings = settings_for(max_batch_size=16, kv_cache_max_tokens=8192)
+    backend = engine(load_hf_model(settings, embedded_dir), settings)
+    steps: dict[int, list[int]] = {}  # request id -> the engine step at which each of its tokens arrived
+    prompt_of: dict[int, int] = {}
+    deliver = backend._deliver
+
+    def recording(seq, token, ints, floats) -> None:
+        steps.setdefault(seq.request_id, []).append(backend.steps)
+        prompt_of[seq.request_id] = seq.num_prompt
+        deliver(seq, token, ints, floats)
+
+    backend._deliver = recording
+    try:
+        text = " ".join(f"Item {i}: the mistral blows down the Rhone valley." for i in range(200))
+        long_ids = tokenizer(text).input_ids[:1531]
+        shorts = [tokenizer(f"Question {i}: what is {i} plus {i}?").input_ids for i in range(15)]
+        params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+        results = run(backend, [(long_ids, params)] + [(s, params) for s in shorts])
+    finally:
+        backend.shutdown()
+    assert all(len(tokens) == 16 for tokens, _, _ in results)
+    short_steps = [seen for request, seen in steps.items() if prompt_of[request] != 1531]
+    (long_steps,) = [seen for request, seen in steps.items() if prompt_of[request] == 1531]
+    assert len(short_steps) == 15
+    for seen in short_steps:
+        assert seen[0] <= 3, f"a short request waited until step {seen[0]} for its first token"
+        assert np.diff(seen).tolist() == [1] * 15, f"a short request skipped steps: {seen}"
+    assert long_steps[0] > max(seen[0] for seen in short_steps) + 4  # its chunks ran while the others decoded
