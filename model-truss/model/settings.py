@@ -88,7 +88,7 @@ class ServerSettings(BaseModel):
         default=None,
         ge=16,
         description="Tokens computed in one engine step (one per decoding row, the rest prefill chunks); "
-        "None: 512 on CUDA, 256 on CPU.",
+        "None: 256, or 2 x max_batch_size if that is more.",
     )
     enable_prefix_caching: bool = True
     cuda_graphs: bool = Field(default=True, description="Capture decode steps as CUDA graphs per batch-size bucket.")

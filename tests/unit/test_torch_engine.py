@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -195,6 +196,9 @@ def test_cuda_graph_path_emulated_on_cpu_gives_the_same_tokens() -> None:
         ids = prompts(320, (5, 30, 45))  # three requests on two rows: one waits; 45 tokens are chunked
         params = SamplingParams(max_new_tokens=10)
         assert [t for t, _, _ in run(backend, [(p, params) for p in ids])] == [hf_greedy(reference, p, 10) for p in ids]
+        paths = backend.runner.steps_by_path
+        assert paths["eager"] == 0 and paths["decode graph"] > 0
+        assert paths["mixed with decode rows"] > 0  # the third prompt's chunks ran in one forward with a decode row
     finally:
         backend.shutdown()
 
@@ -389,6 +393,45 @@ def test_uploads_of_one_step_never_share_staging_memory() -> None:
     (first,) = uploader.upload([np.arange(5)], torch.int64)
     (second,) = uploader.upload([np.arange(500) + 100], torch.int64)  # outgrows the buffer too
     assert first.tolist() == [0, 1, 2, 3, 4] and second[:2].tolist() == [100, 101]
+
+
+def test_no_launch_reuses_staging_memory_that_its_own_or_the_previous_launch_uploaded() -> None:
+    """On CUDA an upload is a non-blocking copy that runs later on the stream; the host must not rewrite its
+    staging memory until then, i.e. before the launch after next (the engine collects step N before launching
+    N + 2). On CPU an upload returns the staging memory itself, so the ranges are read off the results: the
+    graph path (decode inputs, chunk inputs, sampler rows, repetition-penalty tokens in one step) must keep the
+    ranges of each launch apart from each other and from the launch before."""
+    model = random_model(TINY_CONFIGS["qwen2-bias"])
+    settings = settings_for(max_batch_size=4, max_num_batched_tokens=32, kv_page_size=16, kv_cache_max_tokens=1024)
+    config = dataclasses.replace(EngineConfig.from_settings(settings), flex_decode=True, graphs=True)
+    backend = TorchBackend.from_hf_model(model, settings, frozenset({EOS}), config=config)
+    runner = backend.runner
+    launches: list[list[tuple[int, int]]] = []
+    upload, launch = runner._upload.upload, runner.launch
+
+    def recording_upload(arrays, dtype):
+        out = upload(arrays, dtype)
+        launches[-1].extend((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in out if t.numel())
+        return out
+
+    def recording_launch(plan, batch):
+        launches.append([])
+        return launch(plan, batch)
+
+    runner._upload.upload, runner.launch = recording_upload, recording_launch
+    backend.start()
+    try:
+        ids = prompts(320, (5, 40, 23, 61), seed=2)
+        params = [SamplingParams(max_new_tokens=12, repetition_penalty=1.2), SamplingParams(max_new_tokens=12)]
+        results = run(backend, [(p, params[i % 2]) for i, p in enumerate(ids)])
+    finally:
+        backend.shutdown()
+    assert all(len(tokens) == 12 for tokens, _, _ in results)
+    assert len(launches) > 12 and runner.steps_by_path["mixed with decode rows"] > 0
+    for previous, current in zip([[], *launches], launches, strict=False):
+        ranges = sorted(current)
+        assert all(end <= start for (_, end), (start, _) in itertools.pairwise(ranges))
+        assert not any(s < e2 and s2 < e for s, e in current for s2, e2 in previous)
 
 
 # -- the sampler on its own -----------------------------------------------------------------------

@@ -8,7 +8,8 @@ what each token attends:
   mask built from the block tables, so only a row's own blocks are read; static shapes, so it is captured in
   the decode CUDA graphs);
 - each prefill chunk, through SDPA on its own context (causal, offset by the chunk's start).
-GQA is SDPA's / flex_attention's `enable_gqa`; a sliding window (Mistral, Qwen2 layers) masks
+GQA never expands KV heads: flex_attention's and SDPA's flash kernel's `enable_gqa`, or query heads folded
+into the query length for a masked SDPA call (see `_sdpa`); a sliding window (Mistral, Qwen2 layers) masks
 `query_pos - key_pos >= window`.
 """
 
@@ -199,10 +200,22 @@ def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
 def _sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float | None
 ) -> torch.Tensor:
-    """q [B, Hq, L, D], k/v [B, Hkv, C, D], mask [B or 1, 1, L, C] bool."""
+    """q [B, Hq, L, D], k/v [B, Hkv, C, D], mask [B or 1, 1, L, C] bool.
+
+    On CUDA, SDPA implements `enable_gqa` only in its flash kernel (no masks) and its math kernel, which
+    materialises float32 scores [B, Hq, L, C]. So a masked call folds each KV head's query heads into the
+    query length instead — q [B, Hkv, G * L, D] against the unexpanded k/v, the mask repeated G times — which
+    the memory-efficient kernel computes (query head h uses KV head h // G, as transformers' repeat_kv).
+    """
+    batch, heads, length, dim = q.shape
+    groups = heads // k.shape[1]
     if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    groups = q.shape[1] // k.shape[1]
+        if groups == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        folded = q.reshape(batch, k.shape[1], groups * length, dim)
+        masks = mask.expand(mask.shape[0], 1, length, mask.shape[-1]).repeat(1, 1, groups, 1)  # [B|1, 1, G*L, C]
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=masks, scale=scale)
+        return out.reshape(batch, heads, length, dim)
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = softcap * torch.tanh((q @ k.transpose(-1, -2)) * scale / softcap)
     scores = scores.masked_fill(~mask, float("-inf")).float().softmax(dim=-1).to(q.dtype)

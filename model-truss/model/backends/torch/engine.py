@@ -402,9 +402,10 @@ def _build_model(hf_model: PreTrainedModel, config: EngineConfig, max_positions:
 
 @torch.inference_mode()
 def _activation_bytes(model: CausalLM, config: EngineConfig, bytes_per_token: int) -> int:
-    """Run one prefill step of the whole token budget on a scratch pool: compiles the eager kernels, and on CUDA
-    measures the activations' peak (what the KV pool must leave free). The transformers path is checked too."""
-    tokens = config.token_budget
+    """Run one prefill step of the largest forward a step makes (the token budget after max_rows padded decoding
+    rows, as in a mixed-step graph) on a scratch pool: compiles the eager kernels, and on CUDA measures the
+    activations' peak (what the KV pool must leave free). The transformers path is checked too."""
+    tokens = config.token_budget + config.max_rows
     blocks = -(-tokens // config.block_size) + 1
     pool = KVPool(
         layers=model.num_layers,

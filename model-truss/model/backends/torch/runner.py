@@ -7,11 +7,15 @@ waits for that copy. The engine launches step N+1 before collecting step N, so t
 detokenizing streams) overlaps the device's.
 
 Two ways to run a step:
-- decode only, with CUDA graphs: the rows are padded to the next captured bucket (padding rows read the
-  scratch slot, write the scratch block); the step's inputs go into the graphs' static buffers, then one
-  forward graph (input tokens read from `Sampler.last_token`, so no token ever goes through the host) and one
-  sampler graph (per variant: argmax or full sampling, with or without logprobs) are replayed;
-- anything else (prefill chunks, CPU, graphs off): the same model code eagerly on the packed tokens.
+- with CUDA graphs: the step's inputs go into the graphs' static buffers, then one forward graph (input
+  tokens of decoding rows read from `Sampler.last_token`, so no token ever goes through the host) and one
+  sampler graph (per variant: argmax or full sampling, with or without logprobs) are replayed. A decode-only
+  step replays the graph of its batch-size bucket (padding rows read the scratch slot, write the scratch
+  block); a step with prefill chunks replays the graph of its (chunk tokens, context) bucket, which computes
+  every decoding row (padded to `max_rows`) and the packed chunks in one forward, so a step reads the weights
+  once whatever it mixes;
+- anything else (CPU, graphs off, a step that fits no bucket): the same model code eagerly on the packed
+  tokens.
 
 Packed layout of a forward: T tokens = decode rows first (padded to a bucket when flex attention decodes),
 then each prefill chunk's tokens; `sample_index` [B] picks the rows whose logits are sampled, in
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -84,7 +89,7 @@ def graph_buckets(max_rows: int) -> list[int]:
     return [*buckets, max_rows]
 
 
-PREFILL_MAX_CONTEXT = 8192  # prefill graphs gather at most this many context slots (a step's chunks together)
+PREFILL_MAX_CONTEXT = 8192  # mixed-step graphs gather at most this many context slots (a step's chunks together)
 
 
 def prefill_buckets(token_budget: int, max_seq_len: int) -> list[tuple[int, int]]:
@@ -179,7 +184,10 @@ class ModelRunner:
         )
         self._graphs: dict[int, _Replay] = {}
         self._sampler_graphs: dict[tuple[int, bool, bool], _Replay] = {}
-        self._prefill_graphs: dict[tuple[int, int], _Replay] = {}
+        self._mixed_graphs: dict[tuple[int, int], _Replay] = {}  # per (chunk tokens, context) bucket
+        # launched steps per path ("decode graph": decode-only, "mixed graph": with chunks, "eager"; and
+        # "mixed with decode rows": mixed graphs that also advanced decoding rows), for tests and benchmarks
+        self.steps_by_path: Counter[str] = Counter()
         self._all_bits = torch.full((max_rows + 1, sampler.bitmask_words), -1, dtype=torch.int32, device=self.device)
         pinned = self.device.type == "cuda"
         self._results = [  # per upload parity: sampled rows' ints and floats, pinned for non-blocking copies
@@ -197,17 +205,22 @@ class ModelRunner:
         self._upload.flip()
         rows = len(plan.sampled)
         decode = len(plan.decode)
-        padded = self._bucket(decode) if self.flex is not None and decode else decode
-        if self.flex is not None and decode:
-            self._fill_flex(plan, padded)
         if batch.seen_slots.size:
             seen_slots, seen_tokens = self._upload.upload([batch.seen_slots, batch.seen_tokens], torch.int64)
             self.sampler.mark_seen(seen_slots, seen_tokens)
-        prefill = self._prefill_bucket(plan)
-        if self._graphs and (not decode or padded in self._graphs) and (not plan.chunks or prefill is not None):
-            out_ints, out_floats = self._replay(plan, batch, padded, prefill)
+        mixed = self._mixed_bucket(plan)
+        if self._graphs and (not plan.chunks or mixed is not None):
+            padded = self.max_rows if plan.chunks else self._bucket(decode)
+            self._fill_flex(plan, padded)
+            out_ints, out_floats = self._replay(plan, batch, padded, mixed)
+            self.steps_by_path["mixed graph" if plan.chunks else "decode graph"] += 1
+            self.steps_by_path["mixed with decode rows"] += bool(plan.chunks and decode)
         else:
+            padded = self._bucket(decode) if self.flex is not None and decode else decode
+            if self.flex is not None and decode:
+                self._fill_flex(plan, padded)
             out_ints, out_floats = self._eager(plan, batch, padded)
+            self.steps_by_path["eager"] += 1
         return self._read_back(plan, rows, out_ints[:rows], out_floats[:rows])
 
     def collect(self, pending: PendingStep) -> tuple[np.ndarray, np.ndarray]:
@@ -331,14 +344,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_graphs(self, *, prefill: bool = True) -> float:
-        """Warm up and capture the decode forward, prefill forward and sampler graphs; returns the seconds taken.
+        """Warm up and capture the decode, mixed-step and sampler graphs; returns the seconds taken.
 
         On CPU (tests) the "graphs" replay the same work eagerly on the same static buffers.
         """
         assert self.flex is not None, "decode graphs need the flex attention path (static shapes)"
         started = time.perf_counter()
         self._static = _StaticBuffers(self.max_rows, self.model.vocab_size, self.sampler, self.device)
-        self._pstatic = _PrefillBuffers(self.prefill_buckets, self.max_rows, self.model.vocab_size, self.device)
+        self._pstatic = _PrefillBuffers(self.prefill_buckets, self.max_rows, self.device)
         self._fill_flex_padding(self.max_rows)
         on_cuda = self.device.type == "cuda"
         pool = torch.cuda.graph_pool_handle() if on_cuda else None
@@ -351,11 +364,11 @@ class ModelRunner:
                     )
         try:
             for tokens, context in reversed(self.prefill_buckets if prefill else []):
-                work = lambda t=tokens, c=context: self._prefill_forward(t, c)  # noqa: E731
-                self._prefill_graphs[(tokens, context)] = _capture(work, pool, self.device)
-        except Exception:  # decode graphs are the larger win: keep them, prefill eagerly
-            logger.exception("prefill graph capture failed; prefill chunks run eagerly")
-            self._prefill_graphs.clear()
+                work = lambda t=tokens, c=context: self._mixed_forward(t, c)  # noqa: E731
+                self._mixed_graphs[(tokens, context)] = _capture(work, pool, self.device)
+        except Exception:  # decode graphs are the larger win: keep them, run steps with chunks eagerly
+            logger.exception("prefill graph capture failed; steps with prefill chunks run eagerly")
+            self._mixed_graphs.clear()
         if on_cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - started
@@ -374,19 +387,21 @@ class ModelRunner:
         )
         buf.logits[:bucket].copy_(logits)
 
-    def _prefill_forward(self, tokens: int, context: int) -> None:
-        buf = self._pstatic
+    def _mixed_forward(self, tokens: int, context: int) -> None:
+        """One forward over every decoding row (max_rows, padded) then `tokens` packed chunk tokens; the logits
+        of the rows `index` picks (plan.sampled order) go to the sampler's static input."""
+        buf, pbuf, rows = self._static, self._pstatic, self.max_rows
         packed = PackedPrefill(
-            buf.context_slots[:context],
-            buf.query_seg[:tokens],
-            buf.positions[:tokens],
-            buf.key_seg[:context],
-            buf.key_pos[:context],
+            pbuf.context_slots[:context],
+            pbuf.query_seg[:tokens],
+            pbuf.positions[:tokens],
+            pbuf.key_seg[:context],
+            pbuf.key_pos[:context],
         )
-        meta = AttentionMeta(buf.kv_slots[:tokens], 0, None, packed=packed)
-        logits = self.model.compute_logits(
-            buf.tokens[:tokens], buf.positions[:tokens], meta, self.pool, buf.index, graphed=True
-        )
+        ids = torch.cat([self.sampler.last_token[buf.input_slots], pbuf.tokens[:tokens]])  # [rows + tokens]
+        positions = torch.cat([buf.positions, pbuf.positions[:tokens]])
+        meta = AttentionMeta(torch.cat([buf.kv_slots, pbuf.kv_slots[:tokens]]), rows, self.flex, packed=packed)
+        logits = self.model.compute_logits(ids, positions, meta, self.pool, pbuf.index, graphed=True)
         buf.logits.copy_(logits)
 
     def _static_sample(self, bucket: int, full: bool, logprobs: bool) -> None:
@@ -396,26 +411,26 @@ class ModelRunner:
         buf.out_ints[:bucket].copy_(ints)
         buf.out_floats[:bucket].copy_(floats)
 
-    def _prefill_bucket(self, plan: StepPlan) -> tuple[int, int] | None:
+    def _mixed_bucket(self, plan: StepPlan) -> tuple[int, int] | None:
         """The smallest captured (tokens, context) pair that holds the step's chunks, if any."""
-        if not plan.chunks or not self._prefill_graphs:
+        if not plan.chunks or not self._mixed_graphs:
             return None
         tokens = sum(len(c.tokens) for c in plan.chunks)
         context = sum(c.start + len(c.tokens) for c in plan.chunks)
         return next(((t, c) for t, c in self.prefill_buckets if t >= tokens and c > context), None)
 
     def _replay(
-        self, plan: StepPlan, batch: SampleBatch, bucket: int, prefill: tuple[int, int] | None
+        self, plan: StepPlan, batch: SampleBatch, bucket: int, mixed: tuple[int, int] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode graph, prefill graph (each if the step has such work), then the sampler graph."""
+        """The step's forward graph (its decode bucket, or its mixed bucket with `bucket` = max_rows), then the
+        sampler graph of its sampled rows' bucket."""
         buf = self._static
-        if plan.decode:
-            self._replay_decode(plan, bucket)
-        if prefill is not None:
-            self._replay_prefill(plan, *prefill)
-            sampled_chunks = sum(c.samples for c in plan.chunks)
-            first = len(plan.decode)
-            buf.logits[first : first + sampled_chunks].copy_(self._pstatic.logits[:sampled_chunks])
+        self._set_decode_inputs(plan, bucket)
+        if mixed is None:
+            self._graphs[bucket].replay()
+        else:
+            self._set_chunk_inputs(plan, *mixed)
+            self._mixed_graphs[mixed].replay()
         rows = len(plan.sampled)
         if not rows:
             return buf.out_ints[:0], buf.out_floats[:0]
@@ -437,7 +452,8 @@ class ModelRunner:
             buf.bitmask[:sample_bucket].fill_(-1)
         return buf.out_ints[:sample_bucket], buf.out_floats[:sample_bucket]
 
-    def _replay_decode(self, plan: StepPlan, bucket: int) -> None:
+    def _set_decode_inputs(self, plan: StepPlan, bucket: int) -> None:
+        """Input slots, positions and KV slots of the decoding rows (padding: the scratch slot and block)."""
         buf = self._static
         decode, pad = plan.decode, bucket - len(plan.decode)
         arrays = [
@@ -449,13 +465,14 @@ class ModelRunner:
         buf.input_slots[:bucket].copy_(input_slots)
         buf.positions[:bucket].copy_(positions)
         buf.kv_slots[:bucket].copy_(kv_slots)
-        self._graphs[bucket].replay()
 
-    def _replay_prefill(self, plan: StepPlan, tokens: int, context: int) -> None:
-        """Pack the chunks (padding: token 0 at position 0 on the scratch block, segment -1) and replay."""
+    def _set_chunk_inputs(self, plan: StepPlan, tokens: int, context: int) -> None:
+        """Pack the chunks after the max_rows decode rows (padding: token 0 at position 0 on the scratch block,
+        segment -1) and the sample index: decoding rows, then each sampling chunk's last token."""
         ids, positions, kv_slots, query_seg = [], [], [], []
-        context_slots, key_seg, key_pos, index = [], [], [], []
-        offset = 0
+        context_slots, key_seg, key_pos = [], [], []
+        index = [np.arange(len(plan.decode), dtype=np.int64)]
+        offset = self.max_rows
         for seg, chunk in enumerate(plan.chunks):
             end = chunk.start + len(chunk.tokens)
             slots = self._slots(chunk.seq.table.blocks, end)
@@ -468,7 +485,7 @@ class ModelRunner:
             key_pos.append(np.arange(end, dtype=np.int64))
             offset += len(chunk.tokens)
             if chunk.samples:
-                index.append(offset - 1)
+                index.append(np.array([offset - 1], dtype=np.int64))
         arrays = [
             _padded(ids, tokens, 0),
             _padded(positions, tokens, 0),
@@ -477,7 +494,7 @@ class ModelRunner:
             _padded(context_slots, context, 0),
             _padded(key_seg, context, -1),
             _padded(key_pos, context, 0),
-            _padded([np.asarray(index, dtype=np.int64)], self.max_rows, 0),
+            _padded(index, self.max_rows, 0),
         ]
         uploaded = self._upload.upload(arrays, torch.int64)
         buf = self._pstatic
@@ -485,7 +502,6 @@ class ModelRunner:
         targets += [buf.context_slots, buf.key_seg, buf.key_pos, buf.index]
         for target, source in zip(targets, uploaded, strict=True):
             target[: source.shape[0]].copy_(source)
-        self._prefill_graphs[(tokens, context)].replay()
 
     @property
     def graphed(self) -> bool:
@@ -493,7 +509,8 @@ class ModelRunner:
 
     @property
     def prefill_graphs(self) -> list[tuple[int, int]]:
-        return sorted(self._prefill_graphs)
+        """The (chunk tokens, context) buckets of the captured mixed-step graphs."""
+        return sorted(self._mixed_graphs)
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -529,9 +546,9 @@ class _StaticBuffers:
 
 
 class _PrefillBuffers:
-    """The prefill graphs' inputs (packed chunk tokens [T], their contexts [C]) and sampled rows' logits."""
+    """The mixed-step graphs' chunk inputs (packed chunk tokens [T], their contexts [C]) and sample index [rows]."""
 
-    def __init__(self, buckets: list[tuple[int, int]], rows: int, vocab: int, device: torch.device) -> None:
+    def __init__(self, buckets: list[tuple[int, int]], rows: int, device: torch.device) -> None:
         tokens, context = max(t for t, _ in buckets), max(c for _, c in buckets)
 
         def filled(size: int, value: int) -> torch.Tensor:
@@ -540,8 +557,7 @@ class _PrefillBuffers:
         self.tokens, self.positions, self.kv_slots = filled(tokens, 0), filled(tokens, 0), filled(tokens, 0)
         self.query_seg = filled(tokens, -1)
         self.context_slots, self.key_seg, self.key_pos = filled(context, 0), filled(context, -1), filled(context, 0)
-        self.index = filled(rows, 0)
-        self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+        self.index = filled(rows, 0)  # into the packed [rows + T] tokens of a mixed forward
 
 
 def _padded(parts: list[np.ndarray], size: int, fill: int) -> np.ndarray:
