@@ -150,3 +150,15 @@ def against_float32(forced: Reference, tokens: list[int], logprobs: list[float])
             }
         agreeing += 1
     return {"agreeing_steps": agreeing, "clear_mismatch": False, "max_logprob_diff": worst}
+
+
+def float32_summary(gaps: list[dict]) -> dict:
+    """Over all prompts, each bf16 side against float32 (`against_float32` pairs): its largest logprob gap and
+    the prompts on which it clearly disagrees; the engine is right if it is no further off than transformers."""
+    return {
+        side: {
+            "max_logprob_diff": round(max((g[side]["max_logprob_diff"] for g in gaps), default=0.0), 4),
+            "clear_mismatches": sum(g[side]["clear_mismatch"] for g in gaps),
+        }
+        for side in ("engine", "transformers")
+    }
