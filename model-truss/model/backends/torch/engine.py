@@ -32,6 +32,7 @@ from model.backends.base import (
     EngineStats,
     GuidedDecoding,
     Limits,
+    Outbox,
     SamplingParams,
     Submission,
     TokenGuide,
@@ -82,6 +83,7 @@ class TorchBackend(BatchingBackend):
         self._compile_guide = compile_guide
         self.supports = BASE_FEATURES | ({"guided_decoding"} if guides is not None else frozenset())
         self._pending: PendingStep | None = None
+        self._outbox = Outbox()  # every stream item of a step goes through it
         self.steps = 0  # launched steps, for tests and benchmarks
 
     # -- building ---------------------------------------------------------------------------
@@ -222,6 +224,12 @@ class TorchBackend(BatchingBackend):
 
     @torch.inference_mode()
     def _step(self, new: list[Submission], cancelled: set[int]) -> None:
+        try:
+            self._advance(new, cancelled)
+        finally:
+            self._outbox.flush()  # the step's tokens and errors, one wake-up per event loop
+
+    def _advance(self, new: list[Submission], cancelled: set[int]) -> None:
         for submission in new:
             self._accept(submission)
         if cancelled:
@@ -244,25 +252,32 @@ class TorchBackend(BatchingBackend):
         prompt, params = submission.prompt_ids, submission.params
         vocab = self.model.vocab_size
         if not prompt or any(not 0 <= t < vocab for t in prompt):
-            submission.stream.fail(InvalidRequest(f"prompt token ids must be non-empty and in [0, {vocab})"))
+            submission.stream.fail(
+                InvalidRequest(f"prompt token ids must be non-empty and in [0, {vocab})"), outbox=self._outbox
+            )
             return
         if len(prompt) >= self.limits.max_seq_len:
             submission.stream.fail(
                 InvalidRequest(
                     f"the prompt has {len(prompt)} tokens; this engine takes at most {self.limits.max_seq_len - 1}"
-                )
+                ),
+                outbox=self._outbox,
             )
             return
         guide = None
         if params.guided is not None:
             if self._guides is None:
-                submission.stream.fail(InvalidRequest("the torch backend has no structured-output compiler; remove it"))
+                submission.stream.fail(
+                    InvalidRequest("the torch backend has no structured-output compiler; remove it"),
+                    outbox=self._outbox,
+                )
                 return
             try:
                 guide = self._guides(params.guided)
             except Exception as exc:
                 logger.exception("structured-output guide failed for request %d", submission.request_id)
-                submission.stream.fail(exc if isinstance(exc, InvalidRequest) else BackendError(f"guide failed: {exc}"))
+                error = exc if isinstance(exc, InvalidRequest) else BackendError(f"guide failed: {exc}")
+                submission.stream.fail(error, outbox=self._outbox)
                 return
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.scheduler.add(Sequence(submission, list(prompt), len(prompt), seed, guide))
@@ -353,7 +368,7 @@ class TorchBackend(BatchingBackend):
             raise BackendError("structured output: the grammar allows no further token")
         if token in self.stop_token_ids and not params.ignore_eos:
             self.scheduler.finish(seq)
-            stream.put((), "stop")
+            stream.put((), "stop", outbox=self._outbox)
             return
         seq.token_ids.append(token)
         self.blocks.register(seq.table, seq.token_ids, seq.num_computed)
@@ -370,19 +385,20 @@ class TorchBackend(BatchingBackend):
         elif generated >= params.max_new_tokens or len(seq.token_ids) >= self.limits.max_seq_len:
             reason = "length"
         else:
-            stream.put((token,), None, logprobs)
+            stream.put((token,), None, logprobs, outbox=self._outbox)
             return
         self.scheduler.finish(seq)
-        stream.put((token,), reason, logprobs)
+        stream.put((token,), reason, logprobs, outbox=self._outbox)
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         if not seq.finished:
             self.scheduler.finish(seq)
-            seq.submission.stream.fail(exc)
+            seq.submission.stream.fail(exc, outbox=self._outbox)
 
     def _fail_all(self, exc: BaseException) -> None:
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             self._fail(seq, exc)
+        self._outbox.flush()
         self._pending = None
 
 
