@@ -93,7 +93,9 @@ class ServerSettings(BaseModel):
     enable_prefix_caching: bool = True
     cuda_graphs: bool = Field(default=True, description="Capture decode steps as CUDA graphs per batch-size bucket.")
     cuda_graph_prefill: bool = Field(
-        default=True, description="Also capture prefill chunks per (tokens, context) bucket (with cuda_graphs)."
+        default=True,
+        description="Also capture steps with prefill chunks per (chunk tokens, context) bucket (with cuda_graphs); "
+        "false runs those steps eagerly.",
     )
     torch_compile: bool = Field(default=True, description="On CUDA: compile fused ops and flex attention.")
 

@@ -157,6 +157,8 @@ class TorchBackend(BatchingBackend):
             flex=native and config.flex_decode,
         )
         capture_s, decode_attention = 0.0, "flex_attention" if runner.flex is not None else "gather + sdpa"
+        on_cuda = config.device.type == "cuda"
+        reserved = torch.cuda.memory_reserved(config.device) if on_cuda else 0
         if config.graphs and runner.flex is not None:
             try:
                 capture_s = runner.capture_graphs(prefill=config.prefill_graphs)
@@ -190,6 +192,8 @@ class TorchBackend(BatchingBackend):
             "graph_buckets": runner.buckets if runner.graphed else [],
             "prefill_graphs": len(runner.prefill_graphs),
             "capture_s": round(capture_s, 1),
+            # what capture and warm-up added to the memory torch holds: the graphs' pools, compiled kernels' buffers
+            "graphs_gib": round((torch.cuda.memory_reserved(config.device) - reserved) / 2**30, 2) if on_cuda else None,
             "warmup_s": round(time.perf_counter() - started, 1),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
             if config.device.type == "cuda"
