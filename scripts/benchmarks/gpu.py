@@ -214,19 +214,8 @@ def run_gpu_suite(plan: GpuPlan, out_dir: Path) -> list[GpuRow]:
     try:
         float32.to(plan.device)
         engine_out = identity.engine_outputs(backend, check_prompts, plan.identity_tokens)
-        checks = [
-            identity.compare(ref, tokens, logprobs, len(prompt))
-            for ref, prompt, (tokens, logprobs) in zip(references, check_prompts, engine_out, strict=True)
-        ]
-        float32_gaps = [
-            {
-                "engine": identity.against_float32(identity.teacher_forced(float32, prompt, tokens), tokens, lps),
-                "transformers": identity.against_float32(
-                    identity.teacher_forced(float32, prompt, ref.tokens), ref.tokens, ref.logprobs
-                ),
-            }
-            for ref, prompt, (tokens, lps) in zip(references, check_prompts, engine_out, strict=True)
-        ]
+        checks = identity.compare_all(references, check_prompts, engine_out)
+        float32_gaps = identity.float32_gaps(float32, references, check_prompts, engine_out)
         del float32
         if plan.device == "cuda":
             torch.cuda.empty_cache()

@@ -77,20 +77,8 @@ def check_architecture(config: PretrainedConfig, device: str) -> dict[str, Any]:
         report = backend.load_report
     finally:
         backend.shutdown()
-    checks = [
-        identity.compare(ref, tokens, logprobs, len(prompt))
-        for ref, prompt, (tokens, logprobs) in zip(references, prompts, outputs, strict=True)
-    ]
-    gaps = [
-        {
-            "engine": identity.against_float32(identity.teacher_forced(float32, prompt, tokens), tokens, lps),
-            "transformers": identity.against_float32(
-                identity.teacher_forced(float32, prompt, ref.tokens), ref.tokens, ref.logprobs
-            ),
-        }
-        for ref, prompt, (tokens, lps) in zip(references, prompts, outputs, strict=True)
-    ]
-    summary = identity.summary(checks)
+    summary = identity.summary(identity.compare_all(references, prompts, outputs))
+    gaps = identity.float32_gaps(float32, references, prompts, outputs)
     graphs_only = device != "cuda" or not report["graph_buckets"] or steps.get("eager", 0) == 0
     poisoned_ok = len(batch[2]) == NEW_TOKENS
     return {

@@ -162,3 +162,29 @@ def float32_summary(gaps: list[dict]) -> dict:
         }
         for side in ("engine", "transformers")
     }
+
+
+def compare_all(
+    references: list[Reference], prompts: list[list[int]], outputs: list[tuple[list[int], list[float]]]
+) -> list[Comparison]:
+    """`compare` for each prompt: the engine's (tokens, logprobs) against its reference."""
+    return [
+        compare(ref, tokens, logprobs, len(prompt))
+        for ref, prompt, (tokens, logprobs) in zip(references, prompts, outputs, strict=True)
+    ]
+
+
+def float32_gaps(
+    float32: PreTrainedModel,
+    references: list[Reference],
+    prompts: list[list[int]],
+    outputs: list[tuple[list[int], list[float]]],
+) -> list[dict]:
+    """Per prompt, step 4 for both bf16 sides: the engine on its tokens, transformers on the reference's."""
+    return [
+        {
+            "engine": against_float32(teacher_forced(float32, prompt, tokens), tokens, logprobs),
+            "transformers": against_float32(teacher_forced(float32, prompt, ref.tokens), ref.tokens, ref.logprobs),
+        }
+        for ref, prompt, (tokens, logprobs) in zip(references, prompts, outputs, strict=True)
+    ]

@@ -125,15 +125,7 @@ class TorchBackend(BatchingBackend):
         activations = _activation_bytes(model, config, bytes_per_token)
         tokens = config.pool_tokens(bytes_per_token, activations, max_positions)
         num_blocks = tokens // config.block_size + 1  # + the scratch block
-        pool = KVPool(
-            layers=model.num_layers,
-            num_blocks=num_blocks,
-            block_size=config.block_size,
-            kv_heads=model.kv_heads,
-            head_dim=model.head_dim,
-            dtype=config.dtype,
-            device=config.device,
-        )
+        pool = _pool(model, config, num_blocks)
         capacity = (num_blocks - 1) * config.block_size
         max_seq_len = min(max_positions, capacity)
         limits = Limits(
@@ -146,16 +138,20 @@ class TorchBackend(BatchingBackend):
         blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
         sampler = Sampler(slots=config.max_rows, vocab_size=model.vocab_size, stop_ids=stop_ids, device=config.device)
         native = isinstance(model, NativeLlama)
-        runner = ModelRunner(
-            model,
-            pool,
-            sampler,
-            blocks,
-            max_rows=config.max_rows,
-            max_seq_len=max_seq_len,
-            token_budget=config.token_budget,
-            flex=native and config.flex_decode,
-        )
+
+        def runner_with(flex: bool) -> ModelRunner:
+            return ModelRunner(
+                model,
+                pool,
+                sampler,
+                blocks,
+                max_rows=config.max_rows,
+                max_seq_len=max_seq_len,
+                token_budget=config.token_budget,
+                flex=flex,
+            )
+
+        runner = runner_with(native and config.flex_decode)
         capture_s, decode_attention = 0.0, "flex_attention" if runner.flex is not None else "gather + sdpa"
         on_cuda = config.device.type == "cuda"
         reserved = torch.cuda.memory_reserved(config.device) if on_cuda else 0
@@ -164,16 +160,7 @@ class TorchBackend(BatchingBackend):
                 capture_s = runner.capture_graphs(prefill=config.prefill_graphs)
             except Exception as exc:  # an unsupported GPU/compiler combination: serve, slower, rather than not at all
                 logger.exception("decode graph capture failed; decoding eagerly with gather + SDPA attention")
-                runner = ModelRunner(
-                    model,
-                    pool,
-                    sampler,
-                    blocks,
-                    max_rows=config.max_rows,
-                    max_seq_len=max_seq_len,
-                    token_budget=config.token_budget,
-                    flex=False,
-                )
+                runner = runner_with(False)
                 decode_attention = f"gather + sdpa (flex_attention / graph capture failed: {type(exc).__name__})"
         scheduler = Scheduler(
             blocks, max_rows=config.max_rows, token_budget=config.token_budget, max_seq_len=max_seq_len
@@ -426,16 +413,7 @@ def _activation_bytes(model: CausalLM, config: EngineConfig, bytes_per_token: in
     rows, as in a mixed-step graph) on a scratch pool: compiles the eager kernels, and on CUDA measures the
     activations' peak (what the KV pool must leave free). The transformers path is checked too."""
     tokens = config.token_budget + config.max_rows
-    blocks = -(-tokens // config.block_size) + 1
-    pool = KVPool(
-        layers=model.num_layers,
-        num_blocks=blocks,
-        block_size=config.block_size,
-        kv_heads=model.kv_heads,
-        head_dim=model.head_dim,
-        dtype=config.dtype,
-        device=config.device,
-    )
+    pool = _pool(model, config, -(-tokens // config.block_size) + 1)
     ids = torch.arange(tokens, device=config.device) % model.vocab_size
     slots = torch.arange(tokens, device=config.device) + config.block_size  # past the scratch block
     meta = AttentionMeta(slots, 0, None, [PrefillSegment(0, tokens, 0, slots[:0])])
@@ -451,6 +429,18 @@ def _activation_bytes(model: CausalLM, config: EngineConfig, bytes_per_token: in
     peak = torch.cuda.max_memory_allocated() - before if on_cuda else 0
     del pool
     return peak
+
+
+def _pool(model: CausalLM, config: EngineConfig, num_blocks: int) -> KVPool:
+    return KVPool(
+        layers=model.num_layers,
+        num_blocks=num_blocks,
+        block_size=config.block_size,
+        kv_heads=model.kv_heads,
+        head_dim=model.head_dim,
+        dtype=config.dtype,
+        device=config.device,
+    )
 
 
 def _guide_compiler(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Any:
