@@ -3,11 +3,37 @@
 `SequenceGuide` allows exactly one token sequence: the bitmask lets only the next token through, so the
 engine's batched mask path must produce that sequence; it terminates once the sequence is complete.
 `FailingGuide` raises in `accept_token` after some tokens: a request whose guide breaks must fail alone.
+`DoubleCompiler` has GuideCompiler's interface: a guide whose `spec` names a registered double gets that
+double, any other goes to the real compiler it wraps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+from model.backends.base import GuidedDecoding, TokenGuide
+from model.guided import GuideCompiler
+
+
+@dataclass(frozen=True)
+class _CompiledDouble:
+    factory: Callable[[], TokenGuide]
+
+    def new_matcher(self) -> TokenGuide:
+        return self.factory()
+
+
+class DoubleCompiler:
+    def __init__(self, real: GuideCompiler) -> None:
+        self.real = real
+        self.doubles: dict[str, Callable[[], TokenGuide]] = {}
+
+    def compile(self, guided: GuidedDecoding) -> Any:
+        if guided.spec in self.doubles:
+            return _CompiledDouble(self.doubles[guided.spec])
+        return self.real.compile(guided)
 
 
 class SequenceGuide:

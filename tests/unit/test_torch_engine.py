@@ -12,9 +12,11 @@ import asyncio
 import copy
 import dataclasses
 import itertools
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -31,7 +33,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from model.backends.base import GuidedDecoding, SamplingParams
+from model.backends.base import GuidedDecoding, SamplingParams, TokenGuide
 from model.backends.torch import TorchBackend, load_hf_model
 from model.backends.torch.config import EngineConfig
 from model.backends.torch.kv_blocks import BlockManager, BlockTable
@@ -39,7 +41,8 @@ from model.backends.torch.runner import _Uploader
 from model.backends.torch.sampler import RowInputs, Sampler, row_values
 from model.errors import BackendError, InvalidRequest
 from model.settings import ServerSettings, load_settings
-from tests.doubles.guides import FailingGuide, SequenceGuide
+from model.guided import GuideCompiler
+from tests.doubles.guides import DoubleCompiler, FailingGuide, SequenceGuide
 
 EOS = 2
 TINY = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
@@ -207,19 +210,19 @@ def test_cuda_graph_path_emulated_on_cpu_gives_the_same_tokens() -> None:
 
 
 @pytest.fixture(scope="module")
-def smol(embedded_dir: Path) -> Iterator[tuple[TorchBackend, PreTrainedModel]]:
+def smol(embedded_dir: Path, tokenizer) -> Iterator[tuple[TorchBackend, PreTrainedModel]]:
+    """The engine with xgrammar's compiler for SmolLM2's tokenizer, and the doubles registered in `GUIDES`."""
     settings = settings_for(max_batch_size=8, max_num_batched_tokens=64)
-    backend = engine(load_hf_model(settings, embedded_dir), settings, guides=_guides)
+    model = load_hf_model(settings, embedded_dir)
+    compiler = DoubleCompiler(GuideCompiler(tokenizer, model.get_output_embeddings().out_features, {EOS}))
+    GUIDES.clear()
+    compiler.doubles = GUIDES
+    backend = engine(model, settings, guides=compiler)
     yield backend, load_hf_model(settings, embedded_dir)
     backend.shutdown()
 
 
-_GUIDES: dict[str, Callable[[], object]] = {}
-
-
-def _guides(guided: GuidedDecoding) -> object:
-    """The engine's guide factory in these tests: `spec` names a double registered in _GUIDES."""
-    return _GUIDES[guided.spec or ""]()
+GUIDES: dict[str, Callable[[], TokenGuide]] = {}  # spec -> a double, for the `smol` engine
 
 
 def test_smollm2_chunked_prefill_and_a_prefix_hit_match_generate(smol, tokenizer) -> None:
@@ -298,7 +301,7 @@ def test_seeded_sampling_is_the_same_whatever_the_batch(smol, tokenizer) -> None
 def test_guided_rows_follow_their_mask_beside_free_rows(smol, tokenizer) -> None:
     backend, _ = smol
     target = tokenizer(" forty two", add_special_tokens=False).input_ids
-    _GUIDES["answer"] = lambda: SequenceGuide(target)
+    GUIDES["answer"] = lambda: SequenceGuide(target)
     free_ids = tokenizer("The capital of France is").input_ids
     free = SamplingParams(max_new_tokens=10, ignore_eos=True)
     guided = SamplingParams(max_new_tokens=10, temperature=1.0, seed=5, guided=GuidedDecoding("regex", "answer"))
@@ -310,7 +313,7 @@ def test_guided_rows_follow_their_mask_beside_free_rows(smol, tokenizer) -> None
 
 def test_a_row_whose_guide_breaks_fails_alone(smol, tokenizer) -> None:
     backend, _ = smol
-    _GUIDES["breaks"] = lambda: FailingGuide(tokenizer(" a b c d", add_special_tokens=False).input_ids, 2)
+    GUIDES["breaks"] = lambda: FailingGuide(tokenizer(" a b c d", add_special_tokens=False).input_ids, 2)
     free_ids = tokenizer("Write a haiku about the sea:").input_ids
     free = SamplingParams(max_new_tokens=10, ignore_eos=True)
 
@@ -327,9 +330,48 @@ def test_a_row_whose_guide_breaks_fails_alone(smol, tokenizer) -> None:
         return error, (await fine)[0]
 
     error, tokens = asyncio.run(scenario())
-    assert error is not None and "injected guide failure" in str(error)
+    assert error is not None and "injected" not in str(error)  # the client gets no internals
     assert tokens == solo(backend, free_ids, free)
     assert backend.is_healthy()
+
+
+CITY = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "capital": {"type": "boolean"}},  # SmolLM2 loops on integers
+    "required": ["name", "capital"],
+}
+
+
+def test_a_json_schema_row_compiled_by_xgrammar_validates_beside_a_free_row(smol, tokenizer) -> None:
+    backend, _ = smol
+    ask = tokenizer("Describe a city as JSON:").input_ids
+    constrained = SamplingParams(max_new_tokens=40, guided=GuidedDecoding("json_schema", json.dumps(CITY)))
+    asyncio.run(backend.prepare(constrained))  # compiles off the loop, as the server does
+    free_ids = tokenizer("The capital of France is").input_ids
+    free = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    (tokens, reason, _), (free_tokens, _, _) = run(backend, [(ask, constrained), (free_ids, free)])
+    assert reason == "stop"  # the grammar completed and the end token it then allows was sampled
+    jsonschema.validate(json.loads(tokenizer.decode(tokens)), CITY)
+    assert free_tokens == solo(backend, free_ids, free)
+
+
+def test_prepare_refuses_a_bad_schema_and_min_tokens_with_a_grammar_naming_the_field(smol) -> None:
+    backend, _ = smol
+    with pytest.raises(InvalidRequest) as bad:
+        asyncio.run(backend.prepare(SamplingParams(max_new_tokens=4, guided=GuidedDecoding("json_schema", "{"))))
+    assert bad.value.param == "response_format.json_schema.schema"
+    both = SamplingParams(max_new_tokens=4, min_new_tokens=2, guided=GuidedDecoding("json_object"))
+    with pytest.raises(InvalidRequest) as combined:
+        asyncio.run(backend.prepare(both))
+    assert combined.value.param == "min_tokens"
+
+
+def test_without_a_grammar_compiler_structured_output_is_refused_by_name(embedded_dir: Path) -> None:
+    settings = settings_for(max_batch_size=2)
+    backend = TorchBackend.from_hf_model(load_hf_model(settings, embedded_dir), settings, frozenset({EOS}))
+    assert "guided_decoding" not in backend.supports
+    with pytest.raises(InvalidRequest, match="response_format"):
+        asyncio.run(backend.prepare(SamplingParams(max_new_tokens=4, guided=GuidedDecoding("json_object"))))
 
 
 def test_bad_token_ids_fail_that_request_with_a_400(smol) -> None:

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,12 +29,10 @@ from model.backends.base import (
     MAX_TOP_LOGPROBS,
     BatchingBackend,
     EngineStats,
-    GuidedDecoding,
     Limits,
     Outbox,
     SamplingParams,
     Submission,
-    TokenGuide,
     TokenLogprob,
 )
 from model.backends.torch.attention import AttentionMeta, KVPool, PrefillSegment
@@ -48,13 +45,14 @@ from model.backends.torch.runner import CausalLM, ModelRunner, PendingStep, Samp
 from model.backends.torch.sampler import FLOAT_FIELDS, INT_FIELDS, Sampler, needs_full, row_values
 from model.backends.torch.scheduler import Scheduler, Sequence, StepPlan
 from model.errors import BackendError, InvalidRequest
+from model.guided import GuideCompiler
 from model.prompting import stop_token_ids
 from model.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
-GuideFactory = Callable[[GuidedDecoding], TokenGuide]
 BASE_FEATURES = frozenset(FEATURE_FIELDS) - {"guided_decoding"}
+FAILED = "generation failed for this request; the server log has the details"  # no internals to the client
 
 
 class TorchBackend(BatchingBackend):
@@ -68,10 +66,10 @@ class TorchBackend(BatchingBackend):
         limits: Limits,
         stop_ids: frozenset[int],
         *,
-        guides: GuideFactory | None = None,
-        compile_guide: Callable[[GuidedDecoding], Any] | None = None,
+        guides: GuideCompiler | None = None,
         load_report: dict[str, Any] | None = None,
     ) -> None:
+        """`guides`: the tokenizer's grammar compiler (model/guided.py); without one, structured output is refused."""
         super().__init__(limits, stop_ids)
         self.model = model
         self.runner = runner
@@ -80,7 +78,6 @@ class TorchBackend(BatchingBackend):
         self.sampler = runner.sampler
         self.load_report = load_report or {}
         self._guides = guides
-        self._compile_guide = compile_guide
         self.supports = BASE_FEATURES | ({"guided_decoding"} if guides is not None else frozenset())
         self._pending: PendingStep | None = None
         self._outbox = Outbox()  # every stream item of a step goes through it
@@ -92,14 +89,8 @@ class TorchBackend(BatchingBackend):
     def load(cls, settings: ServerSettings, artifacts: Artifacts, tokenizer: PreTrainedTokenizerBase) -> TorchBackend:
         model = load_hf_model(settings, artifacts.model_dir)
         stops = stop_token_ids(tokenizer, artifacts.model_dir, artifacts.tokenizer_dir)
-        compiler = _guide_compiler(tokenizer, model.get_output_embeddings().out_features)
-        return cls.from_hf_model(
-            model,
-            settings,
-            stops,
-            guides=(lambda g: compiler.compile(g).new_matcher()) if compiler else None,
-            compile_guide=compiler.compile if compiler else None,
-        )
+        guides = GuideCompiler(tokenizer, model.get_output_embeddings().out_features, stops)  # the logits' width
+        return cls.from_hf_model(model, settings, stops, guides=guides)
 
     @classmethod
     def from_hf_model(
@@ -108,8 +99,7 @@ class TorchBackend(BatchingBackend):
         settings: ServerSettings,
         stop_ids: frozenset[int],
         *,
-        guides: GuideFactory | None = None,
-        compile_guide: Callable[[GuidedDecoding], Any] | None = None,
+        guides: GuideCompiler | None = None,
         config: EngineConfig | None = None,
     ) -> TorchBackend:
         """Build the engine around a loaded transformers model (which it takes apart for the native forward).
@@ -188,16 +178,23 @@ class TorchBackend(BatchingBackend):
         }
         logger.info("torch engine ready: %s", ", ".join(f"{k}={v}" for k, v in report.items()))
         stops = frozenset(stop_ids)
-        return cls(
-            model, runner, scheduler, limits, stops, guides=guides, compile_guide=compile_guide, load_report=report
-        )
+        return cls(model, runner, scheduler, limits, stops, guides=guides, load_report=report)
 
     # -- consumer side ----------------------------------------------------------------------
 
     async def prepare(self, params: SamplingParams) -> None:
-        self.check_supported(params)
-        if params.guided is not None and self._compile_guide is not None:
-            await asyncio.to_thread(self._compile_guide, params.guided)  # cached: admission reuses it
+        """Compile the request's grammar off the event loop (cached), so admitting it costs microseconds."""
+        await super().prepare(params)  # refuses structured output when there is no compiler
+        if params.guided is None:
+            return
+        if params.min_new_tokens:
+            raise InvalidRequest(
+                "min_tokens cannot be combined with structured output: the grammar decides where the output ends; "
+                "remove min_tokens",
+                param="min_tokens",
+            )
+        assert self._guides is not None
+        await asyncio.to_thread(self._guides.compile, params.guided)  # InvalidRequest naming the field if bad
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -264,11 +261,13 @@ class TorchBackend(BatchingBackend):
                 )
                 return
             try:
-                guide = self._guides(params.guided)
-            except Exception as exc:
+                guide = self._guides.compile(params.guided).new_matcher()  # compiled in prepare(): a cache hit
+            except InvalidRequest as exc:
+                submission.stream.fail(exc, outbox=self._outbox)
+                return
+            except Exception:
                 logger.exception("structured-output guide failed for request %d", submission.request_id)
-                error = exc if isinstance(exc, InvalidRequest) else BackendError(f"guide failed: {exc}")
-                submission.stream.fail(error, outbox=self._outbox)
+                submission.stream.fail(BackendError(FAILED), outbox=self._outbox)
                 return
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.scheduler.add(Sequence(submission, list(prompt), len(prompt), seed, guide))
@@ -294,8 +293,10 @@ class TorchBackend(BatchingBackend):
             except Exception as exc:
                 if _is_device_fault(exc):
                     raise
+                if exc is not first_error:
+                    logger.exception("requests %s failed alone", [seq.request_id for seq in part.sequences])
                 for seq in part.sequences:
-                    self._fail(seq, BackendError(f"generation failed: {exc}"))
+                    self._fail(seq, BackendError(FAILED))
         return None
 
     def _launch(self, plan: StepPlan) -> PendingStep:
@@ -348,15 +349,15 @@ class TorchBackend(BatchingBackend):
             if not seq.finished:
                 try:
                     self._deliver(seq, int(ints[index, 0]), ints[index], floats[index])
-                except Exception as exc:  # a guide raising: that request alone
+                except Exception:  # a guide raising or rejecting the token: that request alone
                     logger.exception("request %d failed while its token was delivered", seq.request_id)
-                    self._fail(seq, BackendError(f"generation failed: {exc}"))
+                    self._fail(seq, BackendError(FAILED))
 
     def _deliver(self, seq: Sequence, token: int, ints: np.ndarray, floats: np.ndarray) -> None:
         params = seq.submission.params
         stream = seq.submission.stream
         if seq.guide is not None and not seq.guide.accept_token(token):
-            raise BackendError("structured output: the grammar allows no further token")
+            raise BackendError(f"the structured-output grammar rejected token {token}")
         if token in self.stop_token_ids and not params.ignore_eos:
             self.scheduler.finish(seq)
             stream.put((), "stop", outbox=self._outbox)
@@ -441,16 +442,6 @@ def _pool(model: CausalLM, config: EngineConfig, num_blocks: int) -> KVPool:
         dtype=config.dtype,
         device=config.device,
     )
-
-
-def _guide_compiler(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Any:
-    """model/guided.py's GuideCompiler where that module exists; None: structured output is refused by name."""
-    try:
-        from model.guided import GuideCompiler  # type: ignore[import-not-found]
-    except ModuleNotFoundError:
-        logger.info("structured output is off: model/guided.py is not part of this build")
-        return None
-    return GuideCompiler(tokenizer, vocab_size)
 
 
 def _is_device_fault(exc: BaseException) -> bool:

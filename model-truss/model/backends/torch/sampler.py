@@ -5,8 +5,8 @@
 the output), bans (end tokens before `min_new_tokens`, tokens a structured-output guide forbids),
 temperature, top-k, top-p — then picks each row's token: argmax for greedy rows, Gumbel-max for the others.
 
-Safe for every value the schema accepts: a temperature below `GREEDY_TEMPERATURE` is greedy (vLLM's
-threshold), penalised scores are clamped to ±`SCORE_LIMIT` (a repetition penalty of 1e-300 saturates instead
+Safe for every value the schema accepts: a temperature below base.py's `GREEDY_TEMPERATURE` is greedy
+(vLLM's threshold), penalised scores are clamped to ±`SCORE_LIMIT` (a repetition penalty of 1e-300 saturates instead
 of dividing by zero), the noise is finite, and no op mixes rows, so one row's values never touch another's.
 
 Seeds are reproducible whatever the batch: the Gumbel noise of token v at output index t of a request is a
@@ -29,28 +29,23 @@ from dataclasses import dataclass
 
 import torch
 
-from model.backends.base import MAX_TOP_LOGPROBS, SamplingParams
+from model.backends.base import GREEDY_TEMPERATURE, MAX_TOP_LOGPROBS, SamplingParams
 
-GREEDY_TEMPERATURE = 1e-5
 SCORE_LIMIT = 1e30  # |score| after penalties; / GREEDY_TEMPERATURE stays finite in float32
 INT_FIELDS, FLOAT_FIELDS = 7, 5
 _MASK32 = 0xFFFFFFFF
 
 
-def is_greedy(params: SamplingParams) -> bool:
-    return params.greedy or params.temperature < GREEDY_TEMPERATURE
-
-
 def needs_full(params: SamplingParams) -> bool:
     """Whether the row needs more than argmax: noise, penalties or filters."""
-    return not is_greedy(params) or (
+    return not params.greedy or (
         params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
     )
 
 
 def row_values(params: SamplingParams, slot: int, step: int, seed: int) -> tuple[list[int], list[float]]:
     """One row of RowInputs, from the request's parameters (see the module docstring for the layout)."""
-    ints = [slot, step, params.top_k, params.min_new_tokens, seed & _MASK32, seed >> 32, int(is_greedy(params))]
+    ints = [slot, step, params.top_k, params.min_new_tokens, seed & _MASK32, seed >> 32, int(params.greedy)]
     floats = [
         max(params.temperature, GREEDY_TEMPERATURE),
         params.top_p,
