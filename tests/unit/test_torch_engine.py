@@ -40,8 +40,8 @@ from model.backends.torch.kv_blocks import BlockManager, BlockTable
 from model.backends.torch.runner import _Uploader
 from model.backends.torch.sampler import RowInputs, Sampler, row_values
 from model.errors import BackendError, InvalidRequest
-from model.settings import ServerSettings, load_settings
 from model.guided import GuideCompiler
+from model.settings import ServerSettings, load_settings
 from tests.doubles.guides import DoubleCompiler, FailingGuide, SequenceGuide
 
 EOS = 2
