@@ -69,11 +69,39 @@ class ServerSettings(BaseModel):
         "template, `raw` sends it as is, `auto` = chat when the tokenizer has a chat template.",
     )
 
-    # torch backend.
+    # torch backend (model-truss/model/backends/torch/; docs/torch-engine.md explains each knob).
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    torch_model_impl: Literal["auto", "native", "transformers"] = Field(
+        default="auto",
+        description="`native`: the engine's own Llama-family forward (Llama, Mistral, Qwen2, SmolLM2); "
+        "`transformers`: the checkpoint's transformers modules on the same paged KV pool; `auto`: native where the "
+        "architecture allows it.",
+    )
+    kv_cache_max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Upper bound on the KV pool in tokens (TensorRT-LLM's KvCacheConfig.max_tokens).",
+    )
+    cpu_kv_cache_gib: float = Field(default=1.0, gt=0.0, description="KV pool size on CPU, in GiB.")
+    kv_page_size: int = Field(default=64, ge=16, le=1024, description="Tokens per KV block (power of two).")
+    max_num_batched_tokens: int | None = Field(
+        default=None,
+        ge=16,
+        description="Tokens computed in one engine step (one per decoding row, the rest prefill chunks); "
+        "None: 256, or 2 x max_batch_size if that is more.",
+    )
+    enable_prefix_caching: bool = True
+    cuda_graphs: bool = Field(default=True, description="Capture decode steps as CUDA graphs per batch-size bucket.")
+    cuda_graph_prefill: bool = Field(
+        default=True,
+        description="Also capture steps with prefill chunks per (chunk tokens, context) bucket (with cuda_graphs); "
+        "false runs those steps eagerly.",
+    )
+    torch_compile: bool = Field(default=True, description="On CUDA: compile fused ops and flex attention.")
 
-    # tensorrt_llm and tensorrt_llm_llmapi backends.
+    # tensorrt_llm and tensorrt_llm_llmapi backends; kv_cache_free_gpu_memory_fraction also sizes the torch backend's
+    # KV pool on CUDA.
     trtllm_runner: Literal["cpp", "python"] = "cpp"
     kv_cache_free_gpu_memory_fraction: float = Field(
         default=0.9,
@@ -163,6 +191,17 @@ class ServerSettings(BaseModel):
             raise ValueError(
                 f"max_input_len ({self.max_input_len}) must be below max_seq_len ({self.max_seq_len}) "
                 "so that at least one token can be generated"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_torch_engine(self) -> ServerSettings:
+        if self.kv_page_size & (self.kv_page_size - 1):
+            raise ValueError(f"kv_page_size ({self.kv_page_size}) must be a power of two, e.g. 64")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= self.max_batch_size:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must exceed max_batch_size "
+                f"({self.max_batch_size}), so that a step full of decoding rows still has room for a prefill chunk"
             )
         return self
 

@@ -25,7 +25,7 @@ from rouge_score import rouge_scorer
 from transformers import GenerationConfig, PreTrainedModel
 
 from model.artifacts import resolve_artifacts
-from model.backends.torch_batcher import load_hf_model
+from model.backends.torch import load_hf_model
 from model.prompting import stop_token_ids
 from model.settings import ServerSettings, load_settings
 from scripts.benchmarks.datasets import PromptCodec

@@ -27,10 +27,11 @@ import torch
 from rich.table import Table
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from model.backends.base import GuidedDecoding, Limits, SamplingParams
-from model.backends.torch_batcher import TorchBackend
+from model.backends.base import GuidedDecoding, SamplingParams
+from model.backends.torch import TorchBackend
 from model.guided import GuideCompiler
-from model.prompting import encode_chat, stop_token_ids
+from model.prompting import prompt_encoder, stop_token_ids
+from model.settings import load_settings
 from scripts.benchmarks.report import console, machine_info
 
 XGRAMMAR_VERSION = version("xgrammar")
@@ -90,12 +91,12 @@ def run_guided_bench(plan: GuidedPlan) -> list[GuidedRow]:
     tokenizer = AutoTokenizer.from_pretrained(plan.model_dir)
     stops = stop_token_ids(tokenizer, plan.model_dir)
     model = load_model(plan, len(tokenizer))
-    guides = GuideCompiler(tokenizer, model.get_output_embeddings().weight.shape[0], stops)
-    limits = Limits(max_input_len=2048, max_seq_len=4096, max_new_tokens=plan.max_tokens, max_batch_size=64)
-    backend = TorchBackend(model, limits, stops, pad_id=min(stops), guides=guides)
+    guides = GuideCompiler(tokenizer, model.get_output_embeddings().out_features, stops)
+    settings = load_settings({"device": plan.device, "max_batch_size": max(plan.concurrency, 2)}, environ={})
+    backend = TorchBackend.from_hf_model(model, settings, stops, guides=guides)  # the server's engine, as configured
     backend.start()
     try:
-        ids = encode_chat(tokenizer, [{"role": "user", "content": PROMPT}])
+        ids = prompt_encoder(tokenizer, "chat").encode_chat([{"role": "user", "content": PROMPT}])
         guided = GuidedDecoding("json_schema", json.dumps(SCHEMA))
         return [asyncio.run(_measure(backend, ids, guided, plan, c)) for c in sorted({1, plan.concurrency})]
     finally:

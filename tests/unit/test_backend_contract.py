@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from model.backends.base import FEATURE_FIELDS, BatchingBackend, GuidedDecoding, Limits, SamplingParams, used_features
+from model.backends.base import (
+    FEATURE_FIELDS,
+    BatchingBackend,
+    GuidedDecoding,
+    Limits,
+    Outbox,
+    SamplingParams,
+    TokenStream,
+    used_features,
+)
 from model.errors import InvalidRequest
 
 
@@ -52,3 +63,36 @@ def test_a_backend_accepts_the_features_it_declares() -> None:
     with pytest.raises(InvalidRequest, match=r"structured output") as refused:
         engine.check_supported(EVERY_FEATURE)
     assert "logprobs" not in str(refused.value)
+
+
+def test_an_outbox_hands_a_steps_items_over_in_one_call_per_loop_in_order() -> None:
+    """The engine thread gathers a step's stream items and wakes each event loop once, not once per token."""
+
+    async def scenario() -> tuple[list, list, int]:
+        loop = asyncio.get_running_loop()
+        first, second = TokenStream(loop), TokenStream(loop)
+        outbox = Outbox()
+        calls = 0
+        schedule = loop.call_soon_threadsafe
+
+        def counting(*args):
+            nonlocal calls
+            calls += 1
+            return schedule(*args)
+
+        loop.call_soon_threadsafe = counting
+        first.put([1], outbox=outbox)
+        second.put([7], outbox=outbox)
+        first.put([2], "length", outbox=outbox)
+        second.fail(InvalidRequest("bad"), outbox=outbox)
+        assert first.finished and second.finished  # set when queued: a consumer leaving now does not cancel
+        outbox.flush()
+        chunks = [c.token_ids async for c in first]
+        before_error = []
+        with pytest.raises(InvalidRequest):
+            async for chunk in second:
+                before_error.append(chunk.token_ids)
+        return chunks, before_error, calls
+
+    chunks, before_error, calls = asyncio.run(scenario())
+    assert chunks == [(1,), (2,)] and before_error == [(7,)] and calls == 1

@@ -12,7 +12,6 @@ import asyncio
 
 import pytest
 
-from model.backends import torch_batcher
 from model.backends.base import BatchingBackend, SamplingParams
 from model.errors import BackendError
 
@@ -70,17 +69,29 @@ def test_a_tiny_temperature_decodes_greedily(backend, tokenizer, solo) -> None:
     assert asyncio.run(_collect(backend, ids, tiny)) == solo[0]
 
 
+def _contains(tokens: list[int], part: list[int]) -> bool:
+    return any(tokens[i : i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
+
+
 def test_a_row_whose_sampling_fails_fails_alone(backend, tokenizer, solo, monkeypatch) -> None:
-    """torch engine: a sampler error in one row (prefill and decode) fails that request only."""
+    """torch engine: the batched sampler raises for a step holding the poisoned row's third token; the step is
+    retried sequence by sequence and only the poisoned request fails, with no internals in its message."""
     poison_ids = tokenizer("poison pill").input_ids
-    sample_row = torch_batcher.TorchBackend._sample_row
+    sampler = backend.sampler  # type: ignore[attr-defined]
+    sample = sampler.sample
 
-    def failing(self, row, *args):
-        if row.submission.prompt_ids == poison_ids and len(row.generated) >= 2:
+    def failing(logits, rows, **kwargs):
+        poisoned = {
+            seq.slot
+            for seq in backend.scheduler.running  # type: ignore[attr-defined]
+            if seq.token_ids[: seq.num_prompt] == poison_ids
+        }
+        slots, output_index = rows.ints[:, 0].tolist(), rows.ints[:, 1].tolist()
+        if any(slot in poisoned and index >= 2 for slot, index in zip(slots, output_index, strict=True)):
             raise RuntimeError("injected sampling failure")
-        return sample_row(self, row, *args)
+        return sample(logits, rows, **kwargs)
 
-    monkeypatch.setattr(torch_batcher.TorchBackend, "_sample_row", failing)
+    monkeypatch.setattr(sampler, "sample", failing)
     poisoned, *innocent = _batched(
         backend, tokenizer, [(poison_ids, SamplingParams(max_new_tokens=10, temperature=1.0))]
     )
@@ -90,18 +101,19 @@ def test_a_row_whose_sampling_fails_fails_alone(backend, tokenizer, solo, monkey
 
 
 def test_a_prefill_that_fails_for_a_group_fails_only_the_culprit(backend, tokenizer, solo, monkeypatch) -> None:
-    """torch engine: the group's forward fails; retried one by one, only the request that fails alone fails."""
+    """torch engine: the step's forward (the prompts packed together) fails while it holds the poisoned prompt;
+    retried one by one, only the request that fails alone fails."""
     poison_ids = tokenizer("poison pill").input_ids
     model = backend.model  # type: ignore[attr-defined]
-    forward = model.forward
+    compute_logits = model.compute_logits
 
-    def failing_forward(*args, **kwargs):
-        ids = kwargs["input_ids"]
-        if ids.shape[1] > 1 and any(row[-len(poison_ids) :].tolist() == poison_ids for row in ids):
+    def failing(tokens, *args, **kwargs):
+        if _contains(tokens.tolist(), poison_ids):
             raise RuntimeError("injected prefill failure")
-        return forward(*args, **kwargs)
+        return compute_logits(tokens, *args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", failing_forward)
+    monkeypatch.setattr(model, "compute_logits", failing)
     poisoned, *innocent = _batched(backend, tokenizer, [(poison_ids, INNOCENT)])
-    assert isinstance(poisoned, BackendError)
+    assert isinstance(poisoned, BackendError) and "injected" not in str(poisoned)
     assert innocent == solo
+    assert backend.is_healthy()

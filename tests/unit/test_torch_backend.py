@@ -1,14 +1,17 @@
-"""The torch continuous batcher, in process on the embedded SmolLM2, against plain `transformers.generate`."""
+"""The torch backend as the server loads it, in process on the embedded SmolLM2, against `transformers.generate`."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import pytest
 import torch
 
 from model.backends.base import SamplingParams
-from model.backends.torch_batcher import TorchBackend
+from model.backends.torch import TorchBackend, load_hf_model
 from model.errors import BackendError
+from model.settings import load_settings
 
 PROMPTS = [
     "The capital of France is",
@@ -16,6 +19,12 @@ PROMPTS = [
     "1, 2, 3,",
     "A mistral is a strong, cold wind that blows through the Rhone valley. Describe its effect on farming:",
 ]
+
+
+@pytest.fixture(scope="module")
+def hf_model(embedded_dir: Path):
+    """The same weights, untouched (the engine takes its copy apart)."""
+    return load_hf_model(load_settings({"device": "cpu"}, environ={}), embedded_dir)
 
 
 def _ids(tokenizer, prompt: str) -> list[int]:
@@ -31,9 +40,9 @@ async def _collect(backend: TorchBackend, ids: list[int], params: SamplingParams
     return tokens, reason
 
 
-def _reference(backend: TorchBackend, ids: list[int], max_new_tokens: int) -> list[int]:
+def _reference(backend: TorchBackend, hf_model, ids: list[int], max_new_tokens: int) -> list[int]:
     """Plain transformers greedy generate, one request alone, stopping at the same end ids."""
-    out = backend.model.generate(
+    out = hf_model.generate(
         torch.tensor([ids]),
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -44,7 +53,7 @@ def _reference(backend: TorchBackend, ids: list[int], max_new_tokens: int) -> li
     return [t for t in generated if t not in backend.stop_token_ids]
 
 
-def test_concurrent_greedy_matches_transformers_generate(backend: TorchBackend, tokenizer) -> None:
+def test_concurrent_greedy_matches_transformers_generate(backend: TorchBackend, hf_model, tokenizer) -> None:
     params = SamplingParams(max_new_tokens=24)
 
     async def run_all() -> list[tuple[list[int], str | None]]:
@@ -52,12 +61,12 @@ def test_concurrent_greedy_matches_transformers_generate(backend: TorchBackend, 
 
     results = asyncio.run(run_all())
     for prompt, (tokens, reason) in zip(PROMPTS, results, strict=True):
-        assert tokens == _reference(backend, _ids(tokenizer, prompt), 24), prompt
+        assert tokens == _reference(backend, hf_model, _ids(tokenizer, prompt), 24), prompt
         assert reason == ("length" if len(tokens) == 24 else "stop")
 
 
-def test_requests_joining_mid_flight_get_their_own_tokens(backend: TorchBackend, tokenizer) -> None:
-    """The second request is admitted while the first is decoding; caches of different lengths merge."""
+def test_requests_joining_mid_flight_get_their_own_tokens(backend: TorchBackend, hf_model, tokenizer) -> None:
+    """The second request is admitted while the first is decoding (a prefill chunk beside a decoding row)."""
     long_params, short_params = SamplingParams(max_new_tokens=30, ignore_eos=True), SamplingParams(max_new_tokens=8)
 
     async def staggered() -> tuple[list[int], list[int]]:
@@ -68,7 +77,7 @@ def test_requests_joining_mid_flight_get_their_own_tokens(backend: TorchBackend,
 
     first, second = asyncio.run(staggered())
     assert len(first) == 30
-    assert second == _reference(backend, _ids(tokenizer, PROMPTS[3]), 8)
+    assert second == _reference(backend, hf_model, _ids(tokenizer, PROMPTS[3]), 8)
 
 
 def test_seeded_sampling_is_reproducible_inside_a_batch(backend: TorchBackend, tokenizer) -> None:
@@ -114,29 +123,30 @@ def test_closing_the_stream_cancels_the_request(backend: TorchBackend, tokenizer
     assert not backend._has_work(), "the cancelled request is still in the running batch"
 
 
-def test_a_failing_prefill_fails_only_that_request(backend: TorchBackend, tokenizer, monkeypatch) -> None:
+def test_a_failing_prefill_fails_only_that_request(backend: TorchBackend, hf_model, tokenizer, monkeypatch) -> None:
     poison = _ids(tokenizer, "poison pill")
-    forward = backend.model.forward
+    compute_logits = backend.model.compute_logits
 
-    def failing_forward(*args, **kwargs):
-        ids = kwargs["input_ids"]
-        if ids.shape[1] > 1 and ids[0, -len(poison) :].tolist() == poison:
+    def failing(tokens, *args, **kwargs):
+        if any(tokens[i : i + len(poison)].tolist() == poison for i in range(len(tokens) - len(poison) + 1)):
             raise RuntimeError("injected prefill failure")
-        return forward(*args, **kwargs)
+        return compute_logits(tokens, *args, **kwargs)
 
-    monkeypatch.setattr(backend.model, "forward", failing_forward)
+    monkeypatch.setattr(backend.model, "compute_logits", failing)
 
-    async def scenario() -> tuple[list[int], BaseException | None]:
+    async def scenario() -> tuple[list[int], list[int], BaseException | None]:
         healthy = asyncio.create_task(_collect(backend, _ids(tokenizer, PROMPTS[2]), SamplingParams(max_new_tokens=12)))
         await asyncio.sleep(0.3)
+        admitted_with_it = asyncio.create_task(_collect(backend, _ids(tokenizer, PROMPTS[0]), SamplingParams(8)))
         try:
             await _collect(backend, poison, SamplingParams(max_new_tokens=4))
             error = None
         except BackendError as exc:
             error = exc
-        return (await healthy)[0], error
+        return (await healthy)[0], (await admitted_with_it)[0], error
 
-    tokens, error = asyncio.run(scenario())
+    tokens, neighbour, error = asyncio.run(scenario())
     assert error is not None and "injected" not in str(error)  # the client gets no internals
-    assert tokens == _reference(backend, _ids(tokenizer, PROMPTS[2]), 12)
+    assert tokens == _reference(backend, hf_model, _ids(tokenizer, PROMPTS[2]), 12)
+    assert neighbour == _reference(backend, hf_model, _ids(tokenizer, PROMPTS[0]), 8)
     assert backend.is_healthy()

@@ -34,7 +34,7 @@ def load_backend(
 
         backend = LlmApiBackend.load(settings, artifacts, tokenizer, fetch)
     else:
-        from model.backends.torch_batcher import TorchBackend
+        from model.backends.torch import TorchBackend
 
         backend = TorchBackend.load(settings, artifacts, tokenizer)
     logger.info("backend %s loaded from %s (%s)", backend.name, artifacts.model_dir, backend.limits)

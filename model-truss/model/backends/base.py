@@ -117,6 +117,7 @@ class Limits:
     max_seq_len: int  # prompt + generated tokens
     max_new_tokens: int
     max_batch_size: int
+    kv_cache_tokens: int | None = None  # tokens the engine's KV cache holds, where the engine knows it
 
 
 @dataclass(frozen=True)
@@ -154,17 +155,22 @@ class TokenStream:
         token_ids: list[int] | tuple[int, ...],
         finish_reason: FinishReason | None = None,
         logprobs: tuple[TokenLogprob, ...] | None = None,
+        *,
+        outbox: Outbox | None = None,
     ) -> None:
-        """Engine thread: deliver new tokens; a finish_reason closes the stream."""
+        """Engine thread: deliver new tokens (now, or with `outbox`'s next flush); a finish_reason closes the stream."""
         self.finished = finish_reason is not None
-        self._send(TokenChunk(tuple(token_ids), finish_reason, logprobs))
+        self._send(TokenChunk(tuple(token_ids), finish_reason, logprobs), outbox)
 
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException, *, outbox: Outbox | None = None) -> None:
         """Engine thread: end this request alone with an error."""
         self.finished = True
-        self._send(exc)
+        self._send(exc, outbox)
 
-    def _send(self, item: TokenChunk | BaseException) -> None:
+    def _send(self, item: TokenChunk | BaseException, outbox: Outbox | None = None) -> None:
+        if outbox is not None:
+            outbox.add(self._loop, self._queue, item)
+            return
         if self._loop.is_closed():
             return
         try:
@@ -180,6 +186,36 @@ class TokenStream:
             yield item
             if item.finish_reason is not None:
                 return
+
+
+class Outbox:
+    """Engine thread: stream items gathered during a step, handed to each event loop in one call at `flush`.
+
+    One wake-up per loop per step instead of one per token: the engine thread and the event loop share the
+    GIL, and a wake-up per token makes them hand it back and forth once per token. A step's items for a loop
+    keep their order; an engine that uses an outbox sends every item of a step through it.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenChunk | BaseException]]] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, target: asyncio.Queue, item: TokenChunk | BaseException) -> None:
+        self._pending.setdefault(loop, []).append((target, item))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            if loop.is_closed():
+                continue
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop closed between the check and the call
+                logger.debug("dropped %d messages for consumers that are gone", len(items))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, TokenChunk | BaseException]]) -> None:
+    for target, item in items:
+        target.put_nowait(item)
 
 
 @dataclass
